@@ -1,0 +1,138 @@
+"""The embedded default dataset: scikit-learn's bundled handwritten digits (no download).
+
+1,797 real 8x8 images with values 0..16: discrete, L = 64, V = 17, a fixed seeded split of
+1,437 training and 360 validation digits. Also the judge used to score completions: a
+logistic-regression classifier trained on the real training digits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from biglearn.data.manifest import DatasetError, Geometry, Manifest, read_manifest, write_dataset
+
+NAME = "digits"
+SPLIT_SEED = 0
+NUM_VALIDATION = 360
+
+
+def ensure_digits(uri: str | Path) -> Manifest:
+    """Returns the digits dataset at `uri`, writing it first if it is not there."""
+    try:
+        return read_manifest(str(uri))
+    except DatasetError:
+        pass
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.data.astype(np.int16)
+    labels = digits.target.astype(np.int16)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
+    validation, train = order[:NUM_VALIDATION], order[NUM_VALIDATION:]
+    return write_dataset(
+        str(uri),
+        NAME,
+        {
+            "train": {"values": images[train], "label": labels[train]},
+            "validation": {"values": images[validation], "label": labels[validation]},
+        },
+        kind="discrete",
+        vocab_size=17,
+        geometry=Geometry(height=8, width=8),
+        rows_per_shard=500,
+    )
+
+
+class DigitJudge:
+    """Scores digit images with a classifier trained on the real training digits."""
+
+    def __init__(self, train_images: np.ndarray, train_labels: np.ndarray):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        self.classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        self.classifier.fit(train_images, train_labels)
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        return float((self.classifier.predict(images) == labels).mean())
+
+    def mean_top_probability(self, images: np.ndarray) -> float:
+        return float(self.classifier.predict_proba(images).max(1).mean())
+
+
+def nearest_neighbour_completions(
+    train_images: np.ndarray, queries: np.ndarray, given: np.ndarray, pick_from: int, seed: int = 0
+) -> np.ndarray:
+    """Copies the hidden part of a training digit whose given part is among the nearest.
+
+    pick_from=1 copies the nearest one; pick_from=5 a random one of the 5 nearest, which is
+    what a sampler (rather than a retriever) should beat.
+    """
+    rng = np.random.default_rng(seed)
+    dist = ((queries[:, None, given] - train_images[None, :, given]) ** 2).sum(-1)
+    nearest = np.argsort(dist, axis=1, kind="stable")[:, :pick_from]
+    chosen = nearest[np.arange(len(queries)), rng.integers(0, pick_from, len(queries))]
+    out = queries.copy()
+    out[:, ~given] = train_images[chosen][:, ~given]
+    return out
+
+
+class DigitsQuality:
+    """The issue's quality measure on the digits: complete the bottom half of each validation
+    digit from its top half, and let the judge classify the result.
+
+    References on the same split: the judge on the real validation digits, and nearest-
+    neighbour retrieval of the bottom half (nearest, or a random one of the 5 nearest).
+    """
+
+    def __init__(self, uri: str | Path):
+        from biglearn.data.manifest import read_split
+
+        manifest = read_manifest(str(uri))
+        train = read_split(str(uri), manifest, "train", ["values", "label"])
+        validation = read_split(str(uri), manifest, "validation", ["values", "label"])
+        self.train_images, self.train_labels = train["values"], train["label"]
+        self.images, self.labels = validation["values"], validation["label"]
+        self.judge = DigitJudge(self.train_images, self.train_labels)
+        rows, cols = manifest.grid
+        self.top_half = (np.arange(rows * cols) // cols) < rows // 2
+
+    def references(self) -> dict[str, float]:
+        judge, given = self.judge, self.top_half
+        return {
+            "real_validation": judge.accuracy(self.images, self.labels),
+            "nearest_neighbour": judge.accuracy(
+                nearest_neighbour_completions(self.train_images, self.images, given, 1), self.labels
+            ),
+            "random_of_5_nearest": judge.accuracy(
+                nearest_neighbour_completions(self.train_images, self.images, given, 5), self.labels
+            ),
+        }
+
+    def score(self, model, *, steps: int, order: str, temperature: float, top_k: int | None, seed: int = 0,
+              num_joint: int = 200) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """Returns ({metric: value}, completions [N, L], joint samples [num_joint, L])."""
+        import torch
+
+        from biglearn.generation import complete
+        from biglearn.roles import SOURCE, TARGET
+
+        device = next(model.parameters()).device
+        model.eval()
+        generator = torch.Generator(device=device).manual_seed(seed)
+        values = torch.from_numpy(self.images).long().to(device)
+        roles = torch.where(torch.from_numpy(self.top_half), SOURCE, TARGET).to(torch.int8).to(device)
+        roles = roles.expand_as(values).contiguous()
+        decode = dict(steps=steps, order=order, temperature=temperature, top_k=top_k)
+        completions = complete(model, values, roles, generator, **decode).cpu().numpy()
+        joint_roles = torch.full((num_joint, values.shape[1]), TARGET, dtype=torch.int8, device=device)
+        joint = complete(model, torch.zeros_like(joint_roles, dtype=torch.long), joint_roles, generator, **decode)
+        joint = joint.cpu().numpy()
+        metrics = {
+            "completion_accuracy": self.judge.accuracy(completions, self.labels),
+            "joint_top_class_probability": self.judge.mean_top_probability(joint),
+        }
+        return metrics, completions, joint

@@ -1,0 +1,85 @@
+"""The fixed evaluation panel: named (S, T) tasks, each scored by NLL per target token.
+
+The panel is the same for every run on the same data shape (random tasks come from a fixed
+seed per example index), so scores are comparable across runs and schedules.
+
+Legend: B = batch, L = positions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from biglearn.generation import decoding_nll
+from biglearn.roles import ABSENT, SOURCE, TARGET
+
+PANEL_SEED = 20240731
+RolesFn = Callable[[int, torch.Generator], torch.Tensor]
+
+
+def panel_tasks(length: int, grid: tuple[int, int] | None) -> dict[str, RolesFn]:
+    """{task name: fn(batch, generator) -> roles_BL} for this data shape."""
+    L = length
+    pos_L = torch.arange(L)
+
+    def fixed(target_L: torch.Tensor, source_L: torch.Tensor) -> RolesFn:
+        roles_L = torch.where(target_L, TARGET, torch.where(source_L, SOURCE, ABSENT)).to(torch.int8)
+        return lambda batch, generator: roles_L.expand(batch, L).clone()
+
+    def random(target_frac: float, source_rest: bool) -> RolesFn:
+        def make(batch: int, generator: torch.Generator) -> torch.Tensor:
+            rank_BL = torch.rand(batch, L, generator=generator).argsort(1).argsort(1)
+            target_BL = rank_BL < max(1, round(target_frac * L))
+            other = SOURCE if source_rest else ABSENT
+            return torch.where(target_BL, TARGET, other).to(torch.int8)
+
+        return make
+
+    everything = torch.ones(L, dtype=torch.bool)
+    tasks: dict[str, RolesFn] = {"joint": fixed(everything, ~everything)}
+    if grid is not None:
+        rows, cols = grid
+        top_L = pos_L // cols < rows // 2
+        left_L = pos_L % cols < cols // 2
+        tasks["bottom_half"] = fixed(~top_L, top_L)
+        tasks["top_half"] = fixed(top_L, ~top_L)
+        tasks["right_half"] = fixed(~left_L, left_L)
+    else:
+        first_L = pos_L < L // 2
+        tasks["second_half"] = fixed(~first_L, first_L)
+        tasks["first_half"] = fixed(first_L, ~first_L)
+    tasks["random_50"] = random(0.5, source_rest=True)
+    tasks["random_90"] = random(0.9, source_rest=True)
+    tasks["marginal_25"] = random(0.25, source_rest=False)
+    return tasks
+
+
+@torch.no_grad()
+def evaluate_panel(
+    model: torch.nn.Module,
+    values_BL: torch.Tensor,
+    grid: tuple[int, int] | None,
+    steps: int = 8,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """{task: NLL per target token (nats)} on `values_BL`, under `steps`-step decoding."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    N, L = values_BL.shape
+    scores = {}
+    for name, make_roles in panel_tasks(L, grid).items():
+        roles_generator = torch.Generator().manual_seed(PANEL_SEED)
+        order_generator = torch.Generator(device=device).manual_seed(PANEL_SEED + 1)
+        roles_NL = make_roles(N, roles_generator)
+        total_nll, total_targets = 0.0, 0
+        for start in range(0, N, batch_size):
+            values = values_BL[start : start + batch_size].to(device)
+            roles = roles_NL[start : start + batch_size].to(device)
+            total_nll += float(decoding_nll(model, values, roles, order_generator, steps).sum())
+            total_targets += int((roles == TARGET).sum())
+        scores[name] = total_nll / total_targets
+    model.train(was_training)
+    return scores
