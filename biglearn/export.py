@@ -47,13 +47,16 @@ def write_export(
 def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[UniversalTransformer, ModelSpec]:
     folder = Path(folder)
     spec_path, weights_path = folder / SPEC, folder / WEIGHTS
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in {".pt", ".bin", ".pth"}) if folder.is_dir() else []
+    extra = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
     if not spec_path.is_file():
-        raise ExportError(f"{folder} is not a complete export: {SPEC} is missing")
+        raise ExportError(f"{folder} is not a complete export: {SPEC} is missing{extra}")
     if not weights_path.is_file():
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in {".pt", ".bin", ".pth"})
-        extra = f" (found {', '.join(found)}: pickled weights are never loaded)" if found else ""
         raise ExportError(f"{folder}: {WEIGHTS} is missing{extra}")
-    spec = ModelSpec.model_validate_json(spec_path.read_text())
+    try:
+        spec = ModelSpec.model_validate_json(spec_path.read_text())
+    except ValueError as exc:  # pydantic's ValidationError (bad JSON or fields) is a ValueError
+        raise ExportError(f"{spec_path} is not a valid model spec: {exc}") from None
     model = UniversalTransformer(spec)
     try:
         state = load_file(weights_path, device=str(device))

@@ -97,6 +97,10 @@ def write_dataset(
     """
     fs, root = resolve(uri)
     fs.create_dir(root, recursive=True)
+    if fs.get_file_info(join(root, MANIFEST)).type == pafs.FileType.File:
+        # Rewriting in place: withdraw the old commit first, so a write that dies half-way
+        # leaves an incomplete dataset rather than an old manifest over new shards.
+        fs.delete_file(join(root, MANIFEST))
     entries: dict[str, list[Shard]] = {}
     length = None
     columns: list[str] = []

@@ -1,0 +1,126 @@
+"""`PretrainConfig`: the one typed config of jobs/pretrain.py (YAML in jobs/configs/ + --set)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+from biglearn.config import Config
+from biglearn.generation import Order
+from biglearn.model import ModelConfig
+from biglearn.objectives import Weighting
+from biglearn.roles import Schedule
+
+
+class DataConfig(Config):
+    path: str = "data/digits"
+    """Dataset folder (or object-store URI): Parquet shards + manifest.json."""
+    embedded: Literal["digits"] | None = "digits"
+    """Write this embedded dataset at `path` when nothing is there yet; null to require one."""
+    train_split: str = "train"
+    validation_split: str = "validation"
+    shuffle_buffer: PositiveInt = 2048
+    materialize_max_bytes: NonNegativeInt = 256 * 2**20
+    """Training splits up to this size are read once and kept in Ray's object store."""
+
+
+class OptimConfig(Config):
+    lr: PositiveFloat = 1e-3
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: NonNegativeInt = 100
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: PositiveFloat = 1.0
+    batch_size: PositiveInt = 128
+    """Global batch per optimizer step (all workers, all accumulation micro-steps)."""
+    grad_accum: PositiveInt = 1
+    weighting: Weighting = "inverse_ratio"
+
+
+class Fault(Config):
+    """A fault to inject, once per run (tests and chaos drills): at `step` on `rank`."""
+
+    kind: Literal["kill", "nan_loss"]
+    step: PositiveInt
+    rank: NonNegativeInt = 0
+
+
+class TrainConfig(Config):
+    steps: PositiveInt = 600
+    seed: int = 0
+    log_every: PositiveInt = 25
+    checkpoint_every: PositiveInt = 200
+    keep_checkpoints: PositiveInt = 2
+    activation_checkpointing: bool = False
+    faults: list[Fault] = []
+
+
+class ClusterConfig(Config):
+    address: str | None = None
+    """Ray address to join; null joins RAY_ADDRESS if set, else starts a local Ray."""
+    num_workers: PositiveInt = 1
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: PositiveFloat = 1
+    torch_threads: PositiveInt | None = None
+    """CPU threads per worker; null: this machine's cores divided among its workers."""
+    zero_stage: Literal[1, 2, 3] = 2
+    max_failures: int = Field(0, ge=-1)
+
+
+class RunConfig(Config):
+    name: str = Field("digits-quick", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Stable run name: running again with the same name resumes the run."""
+    storage: str = "runs"
+    """Folder (or shared URI) holding runs: <storage>/<name>/ gets checkpoints and the export."""
+
+
+class EvalConfig(Config):
+    panel_steps: PositiveInt = 4
+    panel_examples: PositiveInt | None = None
+    """Validation examples the panel scores (null: all)."""
+    decode_steps: PositiveInt = 16
+    order: Order = "confidence"
+    temperature: float = Field(0.7, ge=0)
+    top_k: PositiveInt | None = None
+    seed: int = 0
+    num_joint: PositiveInt = 200
+    num_shown: PositiveInt = 16
+
+
+class PretrainConfig(Config):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    schedule: Schedule = Schedule()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        per_step = self.optim.grad_accum * self.cluster.num_workers
+        if self.optim.batch_size % per_step:
+            raise ValueError(
+                f"optim.batch_size ({self.optim.batch_size}) must be divisible by "
+                f"optim.grad_accum x cluster.num_workers ({per_step})"
+            )
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.optim.batch_size // (self.optim.grad_accum * self.cluster.num_workers)
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """Hash of the resolved config (shown by the server as the training config hash)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def torch_threads(self) -> int:
+        return self.cluster.torch_threads or max(1, (os.cpu_count() or 1) // self.cluster.num_workers)

@@ -1,0 +1,63 @@
+"""DeepSpeed engines built from PretrainConfig: ZeRO 1/2/3, fp32 + gloo on CPU, bf16 + NCCL on GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from biglearn.train.config import PretrainConfig
+
+# One tag for every save: Ray Train gives each checkpoint its own folder already.
+TAG = "ds"
+
+
+def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict:
+    optim = cfg.optim
+    zero: dict = {"stage": cfg.cluster.zero_stage}
+    if cfg.cluster.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": optim.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu},
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would need compiled ops on every node.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "weight_decay": optim.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.train.steps,
+                "warmup_num_steps": min(optim.warmup_steps, cfg.train.steps),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": optim.min_lr_ratio,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, on_gpu: bool):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, on_gpu)
+    )
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The unsharded weights (a collective under ZeRO-3: every rank must call it)."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()

@@ -1,0 +1,68 @@
+"""Scores a finished export: the panel on the validation split and, for the digits, the
+completion quality judged by a classifier, plus `completions.png`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from biglearn.data.digits import NAME as DIGITS, DigitsQuality
+from biglearn.data.manifest import Manifest, read_split
+from biglearn.export import load_export
+from biglearn.panel import evaluate_panel
+from biglearn.train.config import EvalConfig
+
+PANEL = "panel.json"
+
+
+def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
+    """Writes panel.json into the export (and completions.png beside it for image data)."""
+    torch.manual_seed(cfg.seed)
+    model, spec = load_export(export)
+    values = torch.from_numpy(read_split(data_uri, manifest, split)["values"]).long()[: cfg.panel_examples]
+    summary: dict = {"panel_nll": evaluate_panel(model, values, spec.grid, steps=cfg.panel_steps)}
+    if manifest.name == DIGITS:
+        quality = DigitsQuality(data_uri)
+        metrics, completions, joint = quality.score(
+            model,
+            steps=cfg.decode_steps,
+            order=cfg.order,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            seed=cfg.seed,
+            num_joint=cfg.num_joint,
+        )
+        summary["quality"] = metrics
+        summary["references"] = quality.references()
+        rows, cols = spec.grid
+        shown = slice(0, cfg.num_shown)
+        given = np.where(quality.top_half, quality.images, -1)
+        _save_grid(
+            export.parent / "completions.png",
+            [quality.images[shown], given[shown], completions[shown], joint[shown]],
+            (rows, cols),
+            manifest.vocab_size - 1,
+        )
+    (export / PANEL).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_grid(path: Path, rows_of_images: list[np.ndarray], shape: tuple[int, int], top: int, scale: int = 8):
+    """One row per list entry (originals, given part, completions, joint samples); -1 = hidden."""
+    h, w = shape[0] * scale, shape[1] * scale
+    gap = 2
+    n_cols = max(len(r) for r in rows_of_images)
+    canvas = np.full(((h + gap) * len(rows_of_images), (w + gap) * n_cols, 3), 255, dtype=np.uint8)
+    for r, images in enumerate(rows_of_images):
+        for c, image in enumerate(images):
+            pixels = image.reshape(shape)
+            grey = (255 - 255 * np.clip(pixels, 0, top) / top).astype(np.uint8)
+            tile = np.repeat(np.repeat(np.stack([grey] * 3, -1), scale, 0), scale, 1)
+            hidden = np.repeat(np.repeat(pixels < 0, scale, 0), scale, 1)
+            tile[hidden] = (255, 200, 200)  # the part the model had to generate
+            canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
+    Image.fromarray(canvas).save(path)

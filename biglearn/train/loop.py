@@ -1,0 +1,170 @@
+"""The per-worker training loop run by Ray Train's TorchTrainer.
+
+Each worker: builds the model and its DeepSpeed engine, restores the latest checkpoint if the
+run has one, streams its Ray Data shard, samples roles on its device, and trains. Every rank
+saves and reports each checkpoint (DeepSpeed saves are collectives); rank 0 adds the loop
+state (step, data position, metrics history) and, at the end, the servable export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from biglearn.data.manifest import Manifest, resolve
+from biglearn.export import write_export
+from biglearn.model import ModelSpec, UniversalTransformer
+from biglearn.objectives import big_learning_loss
+from biglearn.roles import FAMILIES, sample_roles, task_seed
+from biglearn.train.config import Fault, PretrainConfig
+from biglearn.train.engine import TAG, build_engine, full_state_dict
+from biglearn.train.progress import Progress, log
+
+STATE = "train_state.json"
+EXPORT = "export"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the run stops rather than save a broken model."""
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    cfg = PretrainConfig.model_validate(payload["config"])
+    manifest = Manifest.model_validate(payload["manifest"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(cfg.torch_threads())
+
+    spec = ModelSpec(model=cfg.model, length=manifest.length, vocab_size=manifest.vocab_size, grid=manifest.grid)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    engine = build_engine(UniversalTransformer(spec), cfg, on_gpu)
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "last_checkpoint": 0, "resumes": [], "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag=TAG)
+            state = json.loads((Path(folder) / STATE).read_text())
+        state["resumes"].append(state["step"])
+        if rank == 0:
+            log.info(f"[biglearn] resumed from step {state['step']}/{cfg.train.steps}")
+    start_step = state["step"]
+
+    shard = ray.train.get_dataset_shard("train")
+    micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
+    progress = Progress(cfg.train.steps, start_step, cfg.optim.batch_size, enabled=rank == 0)
+    window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
+    micro_index = 0
+    while state["step"] < cfg.train.steps:
+        batches = shard.iter_torch_batches(
+            batch_size=micro,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer,
+            local_shuffle_seed=cfg.train.seed + state["epoch"],
+            device=device,
+        )
+        for index, batch in enumerate(batches):
+            if index < state["batches_in_epoch"]:
+                continue  # resuming mid-epoch: these were consumed before the checkpoint
+            state["batches_in_epoch"] = index + 1
+            step = state["step"] + 1
+            _inject_faults(cfg, rank, step, micro_index % accum == 0)
+            values_BL = batch["values"].long()
+            generator = _generator(device, task_seed(cfg.train.seed, step * accum + micro_index % accum, rank, cfg.schedule))
+            roles_BL, family_B = sample_roles(cfg.schedule, micro, manifest.length, generator, manifest.grid)
+            loss, stats_F2 = big_learning_loss(engine(values_BL, roles_BL), values_BL, roles_BL, family_B, cfg.optim.weighting)
+            if _fault_due(cfg, rank, step, "nan_loss"):
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                last = state["last_checkpoint"]
+                kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was saved yet"
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at step {step} on rank {rank}: the run stops here and "
+                    f"{kept}; lower optim.lr or raise optim.warmup_steps, then run again"
+                )
+            engine.backward(loss)
+            engine.step()
+            window_F2 += stats_F2
+            micro_index += 1
+            if micro_index % accum:
+                continue
+            state["step"] = step
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                record = progress.log(step, _all_sum(window_F2), engine.get_lr()[0])
+                state["history"].append(record)
+                window_F2.zero_()
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                _save(engine, state, cfg, spec, manifest, rank, final=step == cfg.train.steps)
+            if step == cfg.train.steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+
+
+def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool):
+    step = state["last_checkpoint"] = state["step"]
+    weights = full_state_dict(engine) if final else None  # a collective under ZeRO-3
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=TAG)
+        if rank == 0:
+            (Path(folder) / STATE).write_text(json.dumps(state))
+            if final:
+                write_export(Path(folder) / EXPORT, weights, spec, manifest.model_dump(mode="json"), cfg.to_json())
+        metrics = {"step": step, **({"loss": state["history"][-1]["loss"]} if state["history"] else {})}
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"step-{step:08d}",
+        )
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _fault_due(cfg: PretrainConfig, rank: int, step: int, kind: str) -> bool:
+    """True once per run for a planned fault (a marker in the run folder records that it fired)."""
+    for fault in cfg.train.faults:
+        if (fault.kind, fault.rank, fault.step) == (kind, rank, step):
+            return _fire_once(cfg, fault)
+    return False
+
+
+def _inject_faults(cfg: PretrainConfig, rank: int, step: int, first_micro: bool) -> None:
+    if first_micro and _fault_due(cfg, rank, step, "kill"):
+        # Ray commits a checkpoint only once the controller has collected every rank's report;
+        # a crash just after report() can lose it. Kill after the commit, so drills are exact.
+        ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+        log.info(f"[biglearn] fault plan: killing rank {rank} (pid {os.getpid()}) at step {step}")
+        os.kill(os.getpid(), 9)
+
+
+def _fire_once(cfg: PretrainConfig, fault: Fault) -> bool:
+    fs, root = resolve(cfg.run.storage)
+    marker = f"{root.rstrip('/')}/{cfg.run.name}/faults/{fault.kind}-rank{fault.rank}-step{fault.step}"
+    if fs.get_file_info(marker).type.name != "NotFound":
+        return False
+    fs.create_dir(marker.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(marker) as out:
+        out.write(b"fired")
+    return True
+

@@ -1,0 +1,48 @@
+"""What a person watching `ray job logs` sees: step/total, loss per task family, samples/s, ETA."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from biglearn.objectives import family_means
+
+log = logging.getLogger("biglearn")
+
+
+class Progress:
+    def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool, now=time.monotonic):
+        self.total, self.batch_size, self.enabled, self.now = total_steps, batch_size, enabled, now
+        self.last_step, self.last_time = start_step, now()
+
+    def log(self, step: int, stats_F2: torch.Tensor, lr: float) -> dict:
+        """Prints one progress line for the window since the last call; returns it as a record."""
+        elapsed = max(self.now() - self.last_time, 1e-9)
+        samples_per_s = (step - self.last_step) * self.batch_size / elapsed
+        eta_s = (self.total - step) * elapsed / max(step - self.last_step, 1)
+        self.last_step, self.last_time = step, self.now()
+        total, count = stats_F2.sum(0).tolist()
+        record = {
+            "step": step,
+            "loss": total / max(count, 1),
+            "families": family_means(stats_F2.cpu()),
+            "samples_per_s": samples_per_s,
+            "lr": lr,
+        }
+        if self.enabled:
+            families = " ".join(f"{name} {value:.3f}" for name, value in record["families"].items())
+            log.info(
+                f"[biglearn] step {step}/{self.total} ({100 * step / self.total:.0f}%) | "
+                f"loss {record['loss']:.4f} | {families} | {samples_per_s:.0f} samples/s | "
+                f"lr {lr:.2e} | ETA {_duration(eta_s)}"
+            )
+        return record
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"

@@ -1,0 +1,154 @@
+"""Driver side of pretraining: data checks, Ray, TorchTrainer, export and evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from biglearn.data.digits import ensure_digits
+from biglearn.data.manifest import DatasetError, Manifest, join, read_manifest, resolve, shard_uris, verify_shards
+from biglearn.train.config import ClusterConfig, PretrainConfig
+from biglearn.train.evaluate import evaluate_export
+from biglearn.train.loop import EXPORT, STATE, train_loop_per_worker
+
+
+class PretrainError(RuntimeError):
+    """Training did not finish; the message says why and what to do."""
+
+
+@dataclass
+class Outcome:
+    run_folder: str
+    export: str
+    summary: dict
+
+
+def prepare_data(cfg: PretrainConfig) -> Manifest:
+    """Returns the verified manifest, writing the embedded dataset first if asked and absent."""
+    uri = cfg.data.path
+    if cfg.data.embedded == "digits":
+        ensure_digits(uri)
+    manifest = read_manifest(uri)
+    verify_shards(uri, manifest, [cfg.data.train_split, cfg.data.validation_split])
+    if manifest.kind != "discrete":
+        raise DatasetError(f"{uri} holds {manifest.kind} data; maximum-likelihood pretraining needs discrete tokens")
+    try:
+        cfg.schedule.require_grid(manifest.grid)
+    except ValueError as exc:
+        raise DatasetError(f"{uri}: {exc}") from None
+    return manifest
+
+
+def connect(cluster: ClusterConfig) -> None:
+    """Joins the configured (or RAY_ADDRESS) cluster, else starts a local one."""
+    if os.environ.get("RAY_TRAIN_V2_ENABLED") == "0":
+        raise PretrainError("RAY_TRAIN_V2_ENABLED=0 selects Ray Train V1; biglearn needs Train V2: unset it")
+    if ray.is_initialized():
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def pretrain(cfg: PretrainConfig) -> Outcome:
+    manifest = prepare_data(cfg)
+    connect(cfg.cluster)
+    use_gpu = cfg.cluster.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    storage = _storage_path(cfg.run.storage)
+    fs, storage_root = resolve(storage)
+    run_root = join(storage_root, cfg.run.name)
+    fs.create_dir(run_root, recursive=True)
+    _write(fs, join(run_root, "config.json"), json.dumps(cfg.to_json(), indent=2))
+
+    train_data = ray.data.read_parquet(shard_uris(cfg.data.path, manifest, cfg.data.train_split)).select_columns(["values"])
+    if sum(shard.bytes for shard in manifest.split(cfg.data.train_split)) <= cfg.data.materialize_max_bytes:
+        # Small data: read it once into the object store rather than re-reading files every epoch.
+        train_data = train_data.materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_json(), "manifest": manifest.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": train_data},
+    )
+    print(
+        f"[biglearn] run {cfg.run.name}: {cfg.train.steps} steps, {cfg.cluster.num_workers} worker(s), "
+        f"{'GPU/bf16/NCCL' if use_gpu else 'CPU/fp32/gloo'}, ZeRO-{cfg.cluster.zero_stage}; storage {storage}",
+        flush=True,
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise PretrainError(_failure_message(exc, cfg)) from None
+    if result.checkpoint is None:
+        raise PretrainError(f"run {cfg.run.name} finished without a checkpoint; nothing to export")
+
+    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
+        export = Path(staging) / EXPORT
+        shutil.copytree(Path(folder) / EXPORT, export)
+        summary = evaluate_export(export, cfg.data.path, manifest, cfg.data.validation_split, cfg.eval)
+        state = json.loads((Path(folder) / STATE).read_text())
+        summary["train"] = {"final_step": state["step"], "resumes": state["resumes"]}
+        (Path(staging) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
+        (Path(staging) / "summary.json").write_text(json.dumps(summary, indent=2))
+        fs.delete_dir_contents(join(run_root, EXPORT), missing_dir_ok=True)
+        pafs.copy_files(staging, run_root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    run_folder = join(storage, cfg.run.name)
+    return Outcome(run_folder=run_folder, export=join(run_folder, EXPORT), summary=summary)
+
+
+def _storage_path(storage: str) -> str:
+    """Ray wants absolute local paths; URIs (s3://...) pass through."""
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def _write(fs: pafs.FileSystem, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())
+
+
+def _failure_message(exc: ray.train.TrainingFailedError, cfg: PretrainConfig) -> str:
+    failures = getattr(exc, "worker_failures", None) or {}
+    reasons = sorted({f"rank {rank}: {_first_line(error)}" for rank, error in failures.items()})
+    detail = "\n  ".join(reasons) if reasons else _first_line(exc)
+    return (
+        f"run {cfg.run.name} failed (after {cfg.cluster.max_failures} allowed restart(s)):\n  {detail}\n"
+        f"Checkpoints stay under {_storage_path(cfg.run.storage)}/{cfg.run.name}; "
+        "running the same command again resumes from the latest one."
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    for marker in ("NonFiniteLossError: ", "DatasetError: "):
+        if marker in text:
+            return text.split(marker, 1)[1].splitlines()[0]
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,143 @@
+"""Pretraining on a real local Ray cluster: TorchTrainer (Train V2) + DeepSpeed ZeRO-2 on CPU/gloo,
+two workers, Ray Data from the Parquet shards; resume after SIGKILL, after a failed run, and
+after a finished one; and the bad-input errors of the job's front door."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from biglearn.config import load_config
+from biglearn.data.digits import ensure_digits
+from biglearn.export import load_export
+from biglearn.train.config import PretrainConfig
+from biglearn.train.run import PretrainError, pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "jobs"))
+import pretrain as pretrain_job  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("data") / "digits")
+    ensure_digits(path)
+    return path
+
+
+def tiny(digits: str, storage: Path, name: str, *extra: str) -> PretrainConfig:
+    """A two-worker ZeRO-2 run small enough for a 2-core machine."""
+    overrides = [
+        f"data.path={digits}",
+        f"run.storage={storage}",
+        f"run.name={name}",
+        "model.d_model=32",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "optim.batch_size=32",
+        "optim.warmup_steps=2",
+        "train.steps=12",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+        "cluster.num_workers=2",
+        "cluster.torch_threads=1",
+        "eval.panel_examples=16",
+        "eval.panel_steps=2",
+        "eval.decode_steps=2",
+        "eval.num_joint=4",
+        "eval.num_shown=4",
+        *extra,
+    ]
+    return load_config(PretrainConfig, None, overrides)
+
+
+def logged_steps(run_folder: str) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkilled_worker_is_restarted_from_last_checkpoint(ray_cluster, digits, tmp_path):
+    cfg = tiny(digits, tmp_path, "killed", "cluster.max_failures=1", "train.faults=[{kind: kill, step: 7, rank: 1}]")
+    outcome = pretrain(cfg)
+
+    assert (tmp_path / "killed" / "faults" / "kill-rank1-step7").exists(), "the fault never fired"
+    assert outcome.summary["train"] == {"final_step": 12, "resumes": [4]}
+    # Steps 5-6 ran twice in wall time, but the run's history has each step exactly once.
+    assert logged_steps(outcome.run_folder) == list(range(1, 13))
+
+    export = Path(outcome.export)
+    model, spec = load_export(export)
+    assert spec.length == 64 and spec.vocab_size == 17 and spec.grid == (8, 8)
+    assert json.loads((export / "manifest.json").read_text())["name"] == "digits"
+    assert json.loads((export / "config.json").read_text())["run"]["name"] == "killed"
+    panel = json.loads((export / "panel.json").read_text())["panel_nll"]
+    assert {"joint", "bottom_half", "random_50"} <= set(panel)
+    assert all(0 < v < 10 for v in panel.values())
+    assert (Path(outcome.run_folder) / "completions.png").stat().st_size > 0
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 64, dtype=torch.long), torch.full((1, 64), 2, dtype=torch.int8))
+    assert torch.isfinite(logits).all()
+
+
+def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(ray_cluster, digits, tmp_path, capsys):
+    failing = tiny(digits, tmp_path, "nan", "train.faults=[{kind: nan_loss, step: 10, rank: 0}]")
+    with pytest.raises(PretrainError) as failure:
+        pretrain(failing)
+    message = str(failure.value)
+    assert "non-finite loss" in message and "step 10" in message and "step 8" in message
+
+    # The same command again (same run name): resumes from step 8 instead of starting over.
+    outcome = pretrain(tiny(digits, tmp_path, "nan"))
+    assert outcome.summary["train"] == {"final_step": 12, "resumes": [8]}
+    assert logged_steps(outcome.run_folder) == list(range(1, 13))
+
+    # Once more, now that it is finished: the state comes from the final checkpoint (a fresh
+    # start would show no resumes) and nothing is retrained.
+    again = pretrain(tiny(digits, tmp_path, "nan"))
+    assert again.summary["train"] == {"final_step": 12, "resumes": [8]}
+    assert logged_steps(again.run_folder) == list(range(1, 13))
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.widht=64"], ["unknown key 'model.widht'", "d_model", "num_layers"]),
+        (["train.steps=many"], ["train.steps", "'many'"]),
+        (["data.embedded=null", "data.path=/nonexistent/digits"], ["/nonexistent/digits", "does not exist"]),
+    ],
+)
+def test_bad_input_is_refused_before_training(overrides, expected, capsys):
+    args = [arg for item in overrides for arg in ("--set", item)]
+    assert pretrain_job.main(args) == 2
+    err = capsys.readouterr().err
+    for fragment in expected:
+        assert fragment in err
+    assert "Traceback" not in err
+
+
+def test_corrupted_shard_is_named(tmp_path, capsys):
+    data = tmp_path / "digits"
+    ensure_digits(str(data))
+    shard = data / "train-00001.parquet"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+    assert pretrain_job.main(["--set", f"data.path={data}", "--set", f"run.storage={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert str(shard) in err and "corrupted" in err
+    assert not (tmp_path / "runs").exists(), "nothing should be written for a run that cannot start"

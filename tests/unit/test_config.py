@@ -1,0 +1,111 @@
+"""Config loading: YAML plus `--set` overrides, with errors that say what to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from biglearn.config import Config, ConfigError, apply_overrides, load_config
+from biglearn.roles import Family, Schedule
+
+
+class Optim(Config):
+    lr: float = 1e-3
+    steps: int = 10
+    sizes: list[int] = [1]
+
+
+class Train(Config):
+    name: str = "run"
+    optim: Optim = Optim()
+
+
+class Job(Config):
+    seed: int = 0
+    train: Train = Train()
+    schedule: Schedule = Schedule()
+
+
+def error_of(*overrides: str, path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(Job, path, list(overrides))
+    return str(info.value)
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    assert load_config(Job) == Job()
+    path = tmp_path / "job.yaml"
+    path.write_text("seed: 3\ntrain:\n  optim:\n    steps: 5\n    lr: 0.5\n")
+    job = load_config(Job, path, ["train.optim.steps=7", "train.name=quick"])
+    assert job.seed == 3 and job.train.optim.lr == 0.5
+    assert job.train.optim.steps == 7  # --set wins over the file
+    assert job.train.name == "quick"
+
+
+def test_set_values_are_parsed_as_yaml():
+    data = {"a": {"keep": True}}
+    out = apply_overrides(data, ["a.b=3", "x=[1,2]", "y=0.25", "z=hello", "w=", "a.c.d=true"])
+    assert out == {"a": {"keep": True, "b": 3, "c": {"d": True}}, "x": [1, 2], "y": 0.25, "z": "hello", "w": None}
+    assert type(out["a"]["b"]) is int
+    assert data == {"a": {"keep": True}}  # the input is not modified
+    job = load_config(Job, None, ["train.optim.sizes=[1,2]", "train.optim.steps=3"])
+    assert job.train.optim.sizes == [1, 2] and job.train.optim.steps == 3
+
+
+@pytest.mark.parametrize("bad", ["train.optim.steps", "=3", " =3"])
+def test_malformed_set_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, [bad])
+
+
+def test_set_into_a_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="'seed' holds a value"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_unknown_key_names_the_dotted_key_and_the_valid_keys():
+    message = error_of("train.optim.stepz=3")
+    assert "unknown key 'train.optim.stepz'" in message
+    assert "valid keys here: lr, sizes, steps" in message
+    message = error_of("trian.name=x")
+    assert "unknown key 'trian'" in message
+    assert "valid keys here: schedule, seed, train" in message
+
+
+def test_unknown_key_inside_a_dict_of_models():
+    message = error_of("schedule.families.conditional.weight=1", "schedule.families.conditional.wieght=1")
+    assert "unknown key 'schedule.families.conditional.wieght'" in message
+    assert "valid keys here: source, target, weight" in message
+    message = error_of("schedule.families.span.weight=1", "schedule.families.span.target.c=2")
+    assert "unknown key 'schedule.families.span.target.c'" in message
+    assert "valid keys here: a, b" in message
+    # an unknown family (a dict key) is named as well
+    assert "bogus" in error_of("schedule.families.bogus.weight=1")
+
+
+def test_wrong_value_type_names_the_key_and_the_value():
+    message = error_of("train.optim.steps=many")
+    assert "train.optim.steps" in message and "'many'" in message
+    message = error_of("schedule.granularity=sometimes")
+    assert "schedule.granularity" in message and "'sometimes'" in message
+    # a model-level check (no weight > 0) comes through as a ConfigError too
+    assert "weight > 0" in error_of("schedule.families.joint.weight=0")
+
+
+def test_yaml_file_problems(tmp_path):
+    assert "does not exist" in error_of(path=tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    assert "not valid YAML" in error_of(path=broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    assert "mapping" in error_of(path=listing)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  optim:\n    lrr: 0.1\n")
+    message = error_of(path=typo)
+    assert str(typo) in message and "unknown key 'train.optim.lrr'" in message
+
+
+def test_schedule_override_reaches_the_family_spec():
+    job = load_config(Job, None, ["schedule.families.span.weight=2", "schedule.families.span.target.a=3"])
+    spec = job.schedule.families[Family.span]
+    assert spec.weight == 2 and spec.target.a == 3 and spec.target.b == 1

@@ -1,0 +1,200 @@
+"""The universal model hides what it must not see; decoding fills targets and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from biglearn.generation import complete, decoding_nll
+from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
+from biglearn.roles import ABSENT, SOURCE, TARGET
+
+V, LEN = 7, 12
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_model(drop_absent: bool = True, std: float = 0.3, length: int = LEN) -> UniversalTransformer:
+    """A tiny model whose weights are redrawn with a larger spread, so that context matters."""
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, drop_absent=drop_absent)
+    model = UniversalTransformer(ModelSpec(model=cfg, length=length, vocab_size=V)).eval()
+    g = gen(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def random_task(batch: int = 6, seed: int = 0):
+    g = gen(seed)
+    values = torch.randint(0, V, (batch, LEN), generator=g)
+    roles = torch.randint(0, 3, (batch, LEN), generator=g).to(torch.int8)
+    roles[:, 0], roles[:, 1] = TARGET, SOURCE
+    roles[0] = torch.where(torch.arange(LEN) < 4, SOURCE, TARGET)  # a row with no absent position
+    return values, roles
+
+
+@pytest.mark.parametrize("drop_absent", [True, False])
+def test_model_never_sees_values_at_targets_or_absent_positions(drop_absent):
+    model = make_model(drop_absent)
+    values, roles = random_task()
+    hidden = roles != SOURCE
+    # anything at all, even out of the vocabulary, may sit at hidden positions
+    other = torch.where(hidden, torch.randint(-3, V + 3, values.shape, generator=gen(9)), values)
+    assert (other != values)[hidden].sum() > 10
+    with torch.no_grad():
+        base = model(values, roles)
+        assert base.shape == (*values.shape, V)
+        assert torch.allclose(base, model(other, roles), atol=1e-6)  # at every position
+        # control: a source value does matter
+        changed = values.clone()
+        changed[:, 1] = (changed[:, 1] + 1) % V
+        moved = (model(changed, roles) - base).abs()[roles == TARGET]
+    assert moved.max() > 1e-3
+
+
+def _short_model(model: UniversalTransformer, kept: torch.Tensor) -> UniversalTransformer:
+    """The same weights on a sequence of only the `kept` positions (their position embeddings)."""
+    K = int(kept.sum())
+    short = UniversalTransformer(ModelSpec(model=model.spec.model, length=K, vocab_size=V)).eval()
+    state = dict(model.state_dict())
+    state["pos_embed"] = state["pos_embed"][kept]
+    short.load_state_dict(state)
+    return short
+
+
+def test_dropping_absent_positions_equals_running_on_the_kept_positions_only():
+    model = make_model(drop_absent=True)
+    values, roles = random_task(batch=6, seed=1)
+    roles[1, 5:9] = ABSENT
+    roles[2, 2:] = TARGET  # no absent position
+    counts = (roles != ABSENT).sum(1)
+    assert len(set(counts.tolist())) > 2  # rows of different kept lengths: padding and key mask in use
+    with torch.no_grad():
+        out = model(values, roles)
+        for b in range(len(values)):
+            kept = roles[b] != ABSENT
+            alone = model(values[b : b + 1], roles[b : b + 1])[0]
+            assert torch.allclose(out[b, kept], alone[kept], atol=1e-5), b
+            short = _short_model(model, kept)(values[b : b + 1, kept], roles[b : b + 1, kept])[0]
+            assert torch.allclose(out[b, kept], short, atol=1e-5), b
+            # the absent positions' contents (values, and whether the row holds them) change nothing
+            other = values[b : b + 1].clone()
+            other[0, ~kept] = (other[0, ~kept] + 3) % V
+            assert torch.allclose(model(other, roles[b : b + 1])[0, kept], short, atol=1e-5), b
+
+        # with nothing absent, drop_absent makes no difference (same weights)
+        full = roles[2:3]
+        dense = make_model(drop_absent=False)
+        assert torch.allclose(model(values[2:3], full), dense(values[2:3], full), atol=1e-6)
+
+
+def decoding_task(batch: int = 8):
+    g = gen(4)
+    values = torch.randint(0, V, (batch, LEN), generator=g)
+    roles = torch.randint(0, 3, (batch, LEN), generator=g).to(torch.int8)
+    roles[:, :2] = torch.tensor([SOURCE, TARGET], dtype=torch.int8)
+    values = torch.where(roles == TARGET, -1, values)  # placeholders to be filled
+    values = torch.where(roles == ABSENT, 99, values)  # sentinel that must survive untouched
+    return values, roles
+
+
+@pytest.mark.parametrize("order", ["confidence", "random"])
+@pytest.mark.parametrize("steps", [1, 3, LEN])
+def test_complete_fills_targets_only_and_is_seeded(order, steps):
+    model = make_model(std=0.05)  # a broad predictive distribution: sampling is visibly random
+    values, roles = decoding_task()
+    values_in, roles_in = values.clone(), roles.clone()
+    target = roles == TARGET
+    kw = dict(steps=steps, order=order)
+    out = complete(model, values, roles, gen(0), temperature=1.0, **kw)
+    assert out.dtype == torch.int64 and out.shape == values.shape
+    assert torch.equal(out[~target], values[~target])  # sources and absent positions untouched
+    assert ((out[target] >= 0) & (out[target] < V)).all()  # every target filled with a valid token
+    assert torch.equal(complete(model, values, roles, gen(0), temperature=1.0, **kw), out)
+    assert not torch.equal(complete(model, values, roles, gen(1), temperature=1.0, **kw), out)
+    greedy = complete(model, values, roles, gen(0), temperature=0.0, **dict(kw, order="confidence"))
+    assert torch.equal(complete(model, values, roles, gen(5), temperature=0.0, **dict(kw, order="confidence")), greedy)
+    assert torch.equal(greedy[~target], values[~target])
+    assert torch.equal(values, values_in) and torch.equal(roles, roles_in)  # inputs not modified in place
+
+
+class ChainModel(nn.Module):
+    """A context-dependent stand-in: at position i it prefers (sum of shown values + i) mod V,
+    more confidently at later positions, so the commit order changes the result."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(1.0 + 0.25 * torch.arange(LEN, dtype=torch.float32))
+
+    def forward(self, values, roles):
+        shown = torch.where(roles.long() == SOURCE, values, 0).sum(1, keepdim=True)
+        best = (shown + torch.arange(LEN)) % V
+        return nn.functional.one_hot(best, V).float() * self.scale[:, None]
+
+
+@pytest.mark.parametrize("steps", [1, 4, LEN])
+def test_top_k_1_equals_greedy(steps):
+    values, roles = decoding_task()
+    for model in (make_model(), ChainModel()):
+        greedy = complete(model, values, roles, gen(0), steps=steps, order="confidence", temperature=0.0)
+        top1 = complete(model, values, roles, gen(0), steps=steps, order="confidence", temperature=1.0, top_k=1)
+        assert torch.equal(top1, greedy), (type(model).__name__, steps)
+    # with one step the order is irrelevant
+    model = make_model()
+    greedy = complete(model, values, roles, gen(0), steps=1, order="random", temperature=0.0)
+    assert torch.equal(complete(model, values, roles, gen(3), steps=1, order="random", top_k=1), greedy)
+
+
+def test_complete_rejects_zero_steps():
+    values, roles = decoding_task()
+    with pytest.raises(ValueError, match="steps"):
+        complete(make_model(), values, roles, gen(0), steps=0)
+
+
+def test_decoding_nll_single_step_equals_the_target_nll():
+    model = make_model()
+    values, roles = random_task(batch=6, seed=2)
+    nll = decoding_nll(model, values, roles, gen(0), steps=1)
+    with torch.no_grad():
+        logp = model(values, roles).log_softmax(-1).gather(2, values[..., None])[..., 0]
+    by_hand = -(logp * (roles == TARGET)).sum(1)
+    assert nll.shape == (6,)
+    assert torch.allclose(nll, by_hand, atol=1e-5)
+    for steps in (2, 4, LEN):
+        multi = decoding_nll(model, values, roles, gen(0), steps=steps)
+        assert torch.isfinite(multi).all() and (multi > 0).all()
+        assert torch.equal(multi, decoding_nll(model, values, roles, gen(0), steps=steps))
+    # the values at absent positions do not matter
+    other = torch.where(roles == ABSENT, (values + 2) % V, values)
+    assert torch.allclose(decoding_nll(model, other, roles, gen(0), steps=3), decoding_nll(model, values, roles, gen(0), steps=3))
+
+
+def test_decoding_nll_two_steps_is_the_chain_rule_along_a_random_order():
+    model = make_model()
+    values = torch.randint(0, V, (1, LEN), generator=gen(6))
+    roles = torch.full((1, LEN), SOURCE, dtype=torch.int8)
+    roles[0, 3], roles[0, 7], roles[0, 9:] = TARGET, TARGET, ABSENT
+
+    def logp(position, roles_now):
+        with torch.no_grad():
+            return model(values, roles_now).log_softmax(-1)[0, position, values[0, position]].item()
+
+    def reveal(position):
+        r = roles.clone()
+        r[0, position] = SOURCE
+        return r
+
+    first_3 = -(logp(3, roles) + logp(7, reveal(3)))
+    first_7 = -(logp(7, roles) + logp(3, reveal(7)))
+    assert abs(first_3 - first_7) > 1e-4  # the order matters for this model
+    seen = set()
+    for seed in range(12):
+        nll = decoding_nll(model, values, roles, gen(seed), steps=2).item()
+        match = [name for name, ref in (("3 first", first_3), ("7 first", first_7)) if abs(nll - ref) < 1e-4]
+        assert match, (nll, first_3, first_7)
+        seen.update(match)
+    assert seen == {"3 first", "7 first"}
