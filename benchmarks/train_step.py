@@ -1,0 +1,141 @@
+"""Training-step throughput, measured side by side in one run (run by hand, not in CI).
+
+    python benchmarks/train_step.py [--steps 40] [--batch 128]
+
+Prints, for the same model and batch size:
+  1. samples/s of a bare PyTorch loop vs. the Ray Train + DeepSpeed loop (one worker, the real
+     `pretrain` path, throughput read from its progress records);
+  2. the share of a step spent sampling roles and packing (dropping absent positions);
+  3. the speed-up from dropping absent positions on marginal tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from biglearn.config import load_config
+from biglearn.data.digits import ensure_digits
+from biglearn.data.manifest import read_manifest, read_split
+from biglearn.model import ModelSpec, UniversalTransformer, _pack_index
+from biglearn.objectives import big_learning_loss
+from biglearn.roles import Schedule, sample_roles
+from biglearn.train.config import PretrainConfig
+
+
+def bare_loop(cfg: PretrainConfig, values: torch.Tensor, grid, steps: int, schedule: Schedule | None = None,
+              drop_absent: bool | None = None) -> float:
+    """samples/s of a plain PyTorch loop: the same model, roles and loss, no Ray, no DeepSpeed."""
+    model_cfg = cfg.model if drop_absent is None else cfg.model.model_copy(update={"drop_absent": drop_absent})
+    schedule = schedule or cfg.schedule
+    torch.manual_seed(0)
+    model = UniversalTransformer(ModelSpec(model=model_cfg, length=values.shape[1], vocab_size=17, grid=grid))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    generator = torch.Generator().manual_seed(0)
+    batch = cfg.optim.batch_size
+    start = None
+    for step in range(steps + 5):
+        if step == 5:  # warm-up steps excluded
+            start = time.perf_counter()
+        rows = torch.randint(0, len(values), (batch,), generator=generator)
+        x = values[rows]
+        roles, family = sample_roles(schedule, batch, x.shape[1], generator, grid)
+        loss, _ = big_learning_loss(model(x, roles), x, roles, family, cfg.optim.weighting)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def overhead_share(cfg: PretrainConfig, values: torch.Tensor, grid, samples_per_s: float, repeats: int = 50) -> float:
+    """Time of sample_roles + packing per step, as a share of the bare loop's step time."""
+    generator = torch.Generator().manual_seed(1)
+    batch = cfg.optim.batch_size
+    start = time.perf_counter()
+    for _ in range(repeats):
+        roles, _ = sample_roles(cfg.schedule, batch, values.shape[1], generator, grid)
+        _pack_index(roles.long())
+    per_step = (time.perf_counter() - start) / repeats
+    return per_step / (batch / samples_per_s)
+
+
+def ray_deepspeed_loop(cfg: PretrainConfig, data: str, steps: int, threads: int) -> float:
+    """samples/s of the real pretraining path with one worker (progress windows after the first)."""
+    from biglearn.train.run import pretrain
+
+    with tempfile.TemporaryDirectory() as storage:
+        run = load_config(
+            PretrainConfig,
+            None,
+            [
+                f"data.path={data}",
+                f"run.storage={storage}",
+                "run.name=bench",
+                f"train.steps={steps}",
+                f"train.log_every={max(steps // 8, 1)}",
+                f"train.checkpoint_every={steps}",
+                f"cluster.torch_threads={threads}",
+                "eval.panel_examples=8",
+                "eval.panel_steps=1",
+                "eval.decode_steps=1",
+                "eval.num_joint=2",
+                "eval.num_shown=2",
+            ]
+            + [f"{k}={json.dumps(v)}" for k, v in _flatten({"model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(mode="json")}).items()],
+        )
+        outcome = pretrain(run)
+        records = [json.loads(line) for line in (Path(outcome.run_folder) / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["samples_per_s"] for r in records[1:])
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="jobs/configs/digits-quick.yaml")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(PretrainConfig, args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "digits")
+        ensure_digits(data)
+        manifest = read_manifest(data)
+        values = torch.from_numpy(read_split(data, manifest, "train")["values"]).long()
+        grid = manifest.grid
+
+        bare_before = bare_loop(cfg, values, grid, args.steps)
+        ray_ds = ray_deepspeed_loop(cfg, data, args.steps * 2, args.threads)
+        bare_after = bare_loop(cfg, values, grid, args.steps)
+        bare = (bare_before + bare_after) / 2
+        share = overhead_share(cfg, values, grid, bare)
+
+        marginal = Schedule(families={"marginal": {"weight": 1.0}})
+        dropped = bare_loop(cfg, values, grid, args.steps, marginal, drop_absent=True)
+        kept = bare_loop(cfg, values, grid, args.steps, marginal, drop_absent=False)
+
+    print(f"model {cfg.model.d_model}d x {cfg.model.num_layers} layers, batch {cfg.optim.batch_size}, {args.threads} threads")
+    print(f"bare PyTorch loop           {bare:8.1f} samples/s  (runs: {bare_before:.1f}, {bare_after:.1f})")
+    print(f"Ray Train + DeepSpeed (1 w) {ray_ds:8.1f} samples/s  ratio {ray_ds / bare:.2f}x  (target >= 0.85x)")
+    print(f"roles + packing             {100 * share:8.2f} % of a step  (target <= 5%)")
+    print(f"marginal tasks, drop absent {dropped:8.1f} samples/s vs kept {kept:.1f}: {dropped / kept:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
