@@ -65,15 +65,17 @@ def complete(
 
 
 def _sample(logits_NV, generator, temperature, top_k):
-    if top_k is not None and top_k < logits_NV.shape[-1]:
-        kth = logits_NV.topk(top_k, dim=-1).values[:, -1:]
-        logits_NV = logits_NV.masked_fill(logits_NV < kth, float("-inf"))
+    """Samples a value per row; also returns its probability under the untruncated, tempered
+    distribution (the confidence: top-k truncation would flatten it, e.g. to 1.0 at top_k=1)."""
+    scaled_NV = logits_NV / temperature if temperature > 0 else logits_NV
+    probs_NV = scaled_NV.softmax(-1)
     if temperature <= 0:
-        probs_NV = logits_NV.softmax(-1)
         sampled_N = probs_NV.argmax(-1)
     else:
-        probs_NV = (logits_NV / temperature).softmax(-1)
-        sampled_N = torch.multinomial(probs_NV, 1, generator=generator)[:, 0]
+        if top_k is not None and top_k < logits_NV.shape[-1]:
+            kth_N1 = scaled_NV.topk(top_k, dim=-1).values[:, -1:]
+            scaled_NV = scaled_NV.masked_fill(scaled_NV < kth_N1, float("-inf"))
+        sampled_N = torch.multinomial(scaled_NV.softmax(-1), 1, generator=generator)[:, 0]
     return sampled_N, probs_NV.gather(1, sampled_N[:, None])[:, 0]
 
 
@@ -85,10 +87,11 @@ def decoding_nll(
     generator: torch.Generator,
     steps: int = 8,
 ) -> torch.Tensor:
-    """Exact -log p(x_T | x_S) per example under `steps`-step random-order decoding at T = 1.
+    """-log p(x_T | x_S, order) per example for one random order of `steps`-step decoding.
 
-    The targets are put in a random order and revealed in the same chunks `complete` commits,
-    so this is the likelihood of precisely the distribution that sampler draws from.
+    The targets are put in a random order and revealed in the same chunks `complete` commits
+    at T = 1. The random-order sampler mixes over orders, so by Jensen's inequality this is, in
+    expectation over the order, an upper bound on its NLL (exact for steps = 1).
     Returns nll_B (nats, summed over each example's targets).
     """
     values_BL = values_BL.long()
@@ -101,7 +104,8 @@ def decoding_nll(
         if not bool(count_B.any()):
             break
         logp_BLV = model(values_BL, roles_BL).float().log_softmax(-1)
-        logp_BL = logp_BLV.gather(2, values_BL[..., None])[..., 0]
+        # Clamped: absent positions may hold placeholders outside the vocabulary.
+        logp_BL = logp_BLV.gather(2, values_BL.clamp(0, logp_BLV.shape[-1] - 1)[..., None])[..., 0]
         rank_BL = torch.where(remaining_BL, noise_BL, -1.0).argsort(1, descending=True).argsort(1)
         commit_BL = remaining_BL & (rank_BL < commit_counts(count_B, steps - step)[:, None])
         nll_B -= (logp_BL * commit_BL).sum(1)

@@ -56,6 +56,8 @@ class TrainConfig(Config):
     checkpoint_every: PositiveInt = 200
     keep_checkpoints: PositiveInt = 2
     activation_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPUs (DeepSpeed bf16) and on CPUs with native bf16 (autocast), else fp32."""
     faults: list[Fault] = []
 
 

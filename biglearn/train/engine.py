@@ -10,6 +10,20 @@ from biglearn.train.config import PretrainConfig
 TAG = "ds"
 
 
+def cpu_bf16(precision: str) -> bool:
+    """Whether CPU work runs under bf16 autocast: asked for, or 'auto' on CPUs with native bf16."""
+    if precision == "auto":
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(probe and probe())
+    return precision == "bf16"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for CPU work (weights and optimizer stay fp32); on GPUs DeepSpeed's bf16
+    mode casts the model instead, so this is a no-op there."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=device.type == "cpu" and cpu_bf16(precision))
+
+
 def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict:
     optim = cfg.optim
     zero: dict = {"stage": cfg.cluster.zero_stage}
@@ -21,7 +35,7 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict:
         "gradient_accumulation_steps": optim.grad_accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu},
+        "bf16": {"enabled": on_gpu and cfg.train.precision != "fp32"},
         # torch's AdamW: DeepSpeed's fused/CPU Adam would need compiled ops on every node.
         "optimizer": {
             "type": "AdamW",

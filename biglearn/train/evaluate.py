@@ -15,12 +15,18 @@ from biglearn.data.manifest import Manifest, read_split
 from biglearn.export import load_export
 from biglearn.panel import evaluate_panel
 from biglearn.train.config import EvalConfig
+from biglearn.train.engine import autocast
 
 PANEL = "panel.json"
 
 
-def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
+def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig, precision: str) -> dict:
     """Writes panel.json into the export (and completions.png beside it for image data)."""
+    with autocast(torch.device("cpu"), precision):
+        return _evaluate(export, data_uri, manifest, split, cfg)
+
+
+def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model, spec = load_export(export)
     values = torch.from_numpy(read_split(data_uri, manifest, split)["values"]).long()[: cfg.panel_examples]

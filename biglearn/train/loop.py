@@ -25,7 +25,7 @@ from biglearn.model import ModelSpec, UniversalTransformer
 from biglearn.objectives import big_learning_loss
 from biglearn.roles import FAMILIES, sample_roles, task_seed
 from biglearn.train.config import Fault, PretrainConfig
-from biglearn.train.engine import TAG, build_engine, full_state_dict
+from biglearn.train.engine import TAG, autocast, build_engine, full_state_dict
 from biglearn.train.progress import Progress, log
 
 STATE = "train_state.json"
@@ -83,7 +83,9 @@ def train_loop_per_worker(payload: dict) -> None:
             values_BL = batch["values"].long()
             generator = _generator(device, task_seed(cfg.train.seed, step * accum + micro_index % accum, rank, cfg.schedule))
             roles_BL, family_B = sample_roles(cfg.schedule, micro, manifest.length, generator, manifest.grid)
-            loss, stats_F2 = big_learning_loss(engine(values_BL, roles_BL), values_BL, roles_BL, family_B, cfg.optim.weighting)
+            with autocast(device, cfg.train.precision):
+                logits_BLV = engine(values_BL, roles_BL)
+            loss, stats_F2 = big_learning_loss(logits_BLV, values_BL, roles_BL, family_B, cfg.optim.weighting)
             if _fault_due(cfg, rank, step, "nan_loss"):
                 loss = loss * float("nan")
             if not torch.isfinite(loss):

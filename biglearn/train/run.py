@@ -113,7 +113,7 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
     with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
         export = Path(staging) / EXPORT
         shutil.copytree(Path(folder) / EXPORT, export)
-        summary = evaluate_export(export, cfg.data.path, manifest, cfg.data.validation_split, cfg.eval)
+        summary = evaluate_export(export, cfg.data.path, manifest, cfg.data.validation_split, cfg.eval, cfg.train.precision)
         state = json.loads((Path(folder) / STATE).read_text())
         summary["train"] = {"final_step": state["step"], "resumes": state["resumes"]}
         (Path(staging) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
