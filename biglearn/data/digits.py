@@ -121,6 +121,7 @@ class DigitsQuality:
         from biglearn.roles import SOURCE, TARGET
 
         device = next(model.parameters()).device
+        was_training = model.training
         model.eval()
         generator = torch.Generator(device=device).manual_seed(seed)
         values = torch.from_numpy(self.images).long().to(device)
@@ -131,6 +132,7 @@ class DigitsQuality:
         joint_roles = torch.full((num_joint, values.shape[1]), TARGET, dtype=torch.int8, device=device)
         joint = complete(model, torch.zeros_like(joint_roles, dtype=torch.long), joint_roles, generator, **decode)
         joint = joint.cpu().numpy()
+        model.train(was_training)
         metrics = {
             "completion_accuracy": self.judge.accuracy(completions, self.labels),
             "joint_top_class_probability": self.judge.mean_top_probability(joint),

@@ -48,7 +48,9 @@ def train_loop_per_worker(payload: dict) -> None:
 
     spec = ModelSpec(model=cfg.model, length=manifest.length, vocab_size=manifest.vocab_size, grid=manifest.grid)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    engine = build_engine(UniversalTransformer(spec), cfg, on_gpu)
+    model = UniversalTransformer(spec)
+    model.checkpoint_activations = cfg.train.activation_checkpointing
+    engine = build_engine(model, cfg, on_gpu)
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "last_checkpoint": 0, "resumes": [], "history": []}
     checkpoint = ray.train.get_checkpoint()

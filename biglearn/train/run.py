@@ -18,6 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from biglearn.data.digits import ensure_digits
 from biglearn.data.manifest import DatasetError, Manifest, join, read_manifest, resolve, shard_uris, verify_shards
 from biglearn.train.config import ClusterConfig, PretrainConfig
+from biglearn.train.engine import cpu_bf16
 from biglearn.train.evaluate import evaluate_export
 from biglearn.train.loop import EXPORT, STATE, train_loop_per_worker
 
@@ -100,7 +101,7 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
     )
     print(
         f"[biglearn] run {cfg.run.name}: {cfg.train.steps} steps, {cfg.cluster.num_workers} worker(s), "
-        f"{'GPU/bf16/NCCL' if use_gpu else 'CPU/fp32/gloo'}, ZeRO-{cfg.cluster.zero_stage}; storage {storage}",
+        f"{_precision(use_gpu, cfg.train.precision)}, ZeRO-{cfg.cluster.zero_stage}; storage {storage}",
         flush=True,
     )
     try:
@@ -122,6 +123,12 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
         pafs.copy_files(staging, run_root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     run_folder = join(storage, cfg.run.name)
     return Outcome(run_folder=run_folder, export=join(run_folder, EXPORT), summary=summary)
+
+
+def _precision(use_gpu: bool, precision: str) -> str:
+    if use_gpu:
+        return "GPU/NCCL/" + ("fp32" if precision == "fp32" else "bf16")
+    return "CPU/gloo/" + ("bf16 autocast" if cpu_bf16(precision) else "fp32")
 
 
 def _storage_path(storage: str) -> str:
