@@ -43,6 +43,12 @@ def prepare_data(cfg: PretrainConfig) -> Manifest:
     verify_shards(uri, manifest, [cfg.data.train_split, cfg.data.validation_split])
     if manifest.kind != "discrete":
         raise DatasetError(f"{uri} holds {manifest.kind} data; maximum-likelihood pretraining needs discrete tokens")
+    rows, needed = manifest.rows(cfg.data.train_split), cfg.micro_batch_size * cfg.cluster.num_workers
+    if rows < needed:
+        raise DatasetError(
+            f"{uri}: split {cfg.data.train_split!r} has {rows} rows, fewer than one micro-step needs "
+            f"({needed} = micro batch x workers); lower optim.batch_size or raise optim.grad_accum"
+        )
     try:
         cfg.schedule.require_grid(manifest.grid)
     except ValueError as exc:
