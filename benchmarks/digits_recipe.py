@@ -109,7 +109,7 @@ def main(argv=None) -> None:
 
     train_seconds = 0.0
     if args.load:
-        model.load_state_dict(torch.load(args.load))
+        model.load_state_dict(torch.load(args.load, weights_only=True))
     else:
         train_seconds = train(model, schedule, train_BL, valid_BL, grid, args)
         if args.save:
