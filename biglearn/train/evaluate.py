@@ -60,7 +60,7 @@ def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: 
 def _save_grid(path: Path, rows_of_images: list[np.ndarray], shape: tuple[int, int], top: int, scale: int = 8):
     """One row per list entry (originals, given part, completions, joint samples); -1 = hidden."""
     h, w = shape[0] * scale, shape[1] * scale
-    gap = 2
+    gap = 6
     n_cols = max(len(r) for r in rows_of_images)
     canvas = np.full(((h + gap) * len(rows_of_images), (w + gap) * n_cols, 3), 255, dtype=np.uint8)
     for r, images in enumerate(rows_of_images):
