@@ -23,7 +23,7 @@ import time
 import torch
 
 from biglearn.data.digits import DigitsQuality, ensure_digits
-from biglearn.data.manifest import read_manifest, read_split
+from biglearn.data.manifest import read_split
 from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
 from biglearn.objectives import big_learning_loss, family_means
 from biglearn.panel import evaluate_panel

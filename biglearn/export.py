@@ -67,6 +67,3 @@ def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple
         raise ExportError(f"{weights_path} does not match {SPEC}: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval(), spec
 
-
-def read_json(folder: str | Path, name: str) -> dict[str, Any]:
-    return json.loads((Path(folder) / name).read_text())

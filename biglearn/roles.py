@@ -217,16 +217,3 @@ def _mix(*parts: int) -> int:
         value = (value ^ (part + 0x632BE59BD9B4E019 + (value << 6) + (value >> 2))) % (2**61 - 1)
     return value
 
-
-def count_by_family(family_B: torch.Tensor) -> torch.Tensor:
-    """Number of examples of each family, int64 [F]."""
-    return torch.bincount(family_B, minlength=len(FAMILIES))
-
-
-def grid_of(length: int, rows: int | None, cols: int | None) -> tuple[int, int] | None:
-    if rows is None or cols is None:
-        return None
-    if rows * cols != length:
-        raise ValueError(f"grid {rows}x{cols} does not cover {length} positions")
-    return rows, cols
-

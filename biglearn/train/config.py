@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Literal
 
@@ -119,10 +117,6 @@ class PretrainConfig(Config):
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")
-
-    def digest(self) -> str:
-        """Hash of the resolved config (shown by the server as the training config hash)."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
     def torch_threads(self) -> int:
         return self.cluster.torch_threads or max(1, (os.cpu_count() or 1) // self.cluster.num_workers)

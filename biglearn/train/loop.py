@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import ray.train
@@ -19,7 +18,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from biglearn.data.manifest import Manifest, resolve
+from biglearn.data.manifest import Manifest, join, resolve
 from biglearn.export import write_export
 from biglearn.model import ModelSpec, UniversalTransformer
 from biglearn.objectives import big_learning_loss
@@ -40,7 +39,7 @@ def train_loop_per_worker(payload: dict) -> None:
     cfg = PretrainConfig.model_validate(payload["config"])
     manifest = Manifest.model_validate(payload["manifest"])
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if not on_gpu:
@@ -164,7 +163,7 @@ def _inject_faults(cfg: PretrainConfig, rank: int, step: int, first_micro: bool)
 
 def _fire_once(cfg: PretrainConfig, fault: Fault) -> bool:
     fs, root = resolve(cfg.run.storage)
-    marker = f"{root.rstrip('/')}/{cfg.run.name}/faults/{fault.kind}-rank{fault.rank}-step{fault.step}"
+    marker = join(root, f"{cfg.run.name}/faults/{fault.kind}-rank{fault.rank}-step{fault.step}")
     if fs.get_file_info(marker).type.name != "NotFound":
         return False
     fs.create_dir(marker.rsplit("/", 1)[0], recursive=True)
