@@ -29,10 +29,13 @@ def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str,
 def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model, spec = load_export(export)
-    values = torch.from_numpy(read_split(data_uri, manifest, split)["values"]).long()[: cfg.panel_examples]
+    quality = DigitsQuality(data_uri) if manifest.name == DIGITS else None
+    # DigitsQuality already holds the validation digits: no second read of the split.
+    reuse = quality is not None and split == "validation"
+    values = quality.images if reuse else read_split(data_uri, manifest, split)["values"]
+    values = torch.from_numpy(values).long()[: cfg.panel_examples]
     summary: dict = {"panel_nll": evaluate_panel(model, values, spec.grid, steps=cfg.panel_steps)}
-    if manifest.name == DIGITS:
-        quality = DigitsQuality(data_uri)
+    if quality:
         metrics, completions, joint = quality.score(
             model,
             steps=cfg.decode_steps,

@@ -60,16 +60,11 @@ def connect(cluster: ClusterConfig) -> None:
     """Joins the configured (or RAY_ADDRESS) cluster, else starts a local one."""
     if os.environ.get("RAY_TRAIN_V2_ENABLED") == "0":
         raise PretrainError("RAY_TRAIN_V2_ENABLED=0 selects Ray Train V1; biglearn needs Train V2: unset it")
-    if ray.is_initialized():
-        return
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    if not ray.is_initialized():
+        ray.init(address=cluster.address)  # None: RAY_ADDRESS if set, else a new local Ray
 
 
 def pretrain(cfg: PretrainConfig) -> Outcome:
