@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from biglearn.data.manifest import DatasetError, Geometry, Manifest, read_manifest, write_dataset
+from biglearn.data.manifest import DatasetError, Manifest, read_manifest, read_split
+from biglearn.data.prepare import write_source
+from biglearn.data.sources import digits_source
 
 NAME = "digits"
 SPLIT_SEED = 0
-NUM_VALIDATION = 360
+VALIDATION_FRACTION = 0.2  # 360 of the 1,797 digits
 
 
 def ensure_digits(uri: str | Path) -> Manifest:
@@ -24,23 +26,8 @@ def ensure_digits(uri: str | Path) -> Manifest:
         return read_manifest(str(uri))
     except DatasetError:
         pass
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = digits.data.astype(np.int16)
-    labels = digits.target.astype(np.int16)
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
-    validation, train = order[:NUM_VALIDATION], order[NUM_VALIDATION:]
-    return write_dataset(
-        str(uri),
-        NAME,
-        {
-            "train": {"values": images[train], "label": labels[train]},
-            "validation": {"values": images[validation], "label": labels[validation]},
-        },
-        kind="discrete",
-        vocab_size=17,
-        geometry=Geometry(height=8, width=8),
+    return write_source(
+        digits_source(), str(uri), name=NAME, validation_fraction=VALIDATION_FRACTION, seed=SPLIT_SEED,
         rows_per_shard=500,
     )
 
@@ -89,8 +76,6 @@ class DigitsQuality:
     """
 
     def __init__(self, uri: str | Path):
-        from biglearn.data.manifest import read_split
-
         manifest = read_manifest(str(uri))
         train = read_split(str(uri), manifest, "train", ["values", "label"])
         validation = read_split(str(uri), manifest, "validation", ["values", "label"])

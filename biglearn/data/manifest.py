@@ -1,8 +1,13 @@
 """Datasets on disk or object storage: Parquet shards plus `manifest.json`, written last.
 
-The manifest's presence is the commit: a folder without one is an incomplete dataset and is
-refused. Readers check every shard they use against the manifest (size, sha256, rows) and name
-the bad shard when one does not match.
+The manifest's presence is the commit: a location without one is an incomplete dataset and is
+refused. Before training, every shard's presence and size is checked against the manifest (one
+listing), and shards are hashed (sha256), counted and schema-checked up to a byte budget:
+all of them for datasets within it, a seeded sample (always the first and last shard of each
+split) beyond it. A bad shard is named.
+
+Columns: `values` is a fixed-size list per row: L token ids (discrete) or L*P floats
+(continuous, P = patch dimension); other columns (labels, attributes) hold one scalar per row.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from typing import Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import NonNegativeInt, PositiveInt
 
 from biglearn.config import Config
+from biglearn.data.storage import StorageError, join, list_files, read_bytes, resolve
 
 MANIFEST = "manifest.json"
 VALUES = "values"
@@ -55,6 +60,8 @@ class Manifest(Config):
     geometry: Geometry | None = None
     columns: list[str]
     splits: dict[str, list[Shard]]
+    plan: str | None = None
+    """Fingerprint of the conversion that wrote the dataset: its input, options and split."""
 
     @property
     def grid(self) -> tuple[int, int] | None:
@@ -69,110 +76,75 @@ class Manifest(Config):
         return self.splits[split]
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI pyarrow understands."""
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError):
-        return pafs.LocalFileSystem(), str(uri)
-
-
-def join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}"
-
-
-def write_dataset(
-    uri: str,
-    name: str,
-    splits: dict[str, dict[str, np.ndarray]],
-    *,
-    kind: Literal["discrete", "continuous"],
-    vocab_size: int | None = None,
-    geometry: Geometry | None = None,
-    rows_per_shard: int = 100_000,
-) -> Manifest:
-    """Writes each split as Parquet shards, then the manifest (the commit) last.
-
-    splits: {split: {column: array}}; the `values` column is [N, L], others [N].
-    """
-    fs, root = resolve(uri)
-    fs.create_dir(root, recursive=True)
-    if fs.get_file_info(join(root, MANIFEST)).type == pafs.FileType.File:
-        # Rewriting in place: withdraw the old commit first, so a write that dies half-way
-        # leaves an incomplete dataset rather than an old manifest over new shards.
-        fs.delete_file(join(root, MANIFEST))
-    entries: dict[str, list[Shard]] = {}
-    length = None
-    columns: list[str] = []
-    for split, table_columns in splits.items():
-        values = table_columns[VALUES]
-        length = values.shape[1]
-        columns = list(table_columns)
-        entries[split] = []
-        for index, start in enumerate(range(0, max(len(values), 1), rows_per_shard)):
-            stop = start + rows_per_shard
-            table = pa.table({col: _column(arr[start:stop]) for col, arr in table_columns.items()})
-            buffer = io.BytesIO()
-            pq.write_table(table, buffer)
-            data = buffer.getvalue()
-            rel = f"{split}-{index:05d}.parquet"
-            with fs.open_output_stream(join(root, rel)) as out:
-                out.write(data)
-            entries[split].append(
-                Shard(path=rel, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-            )
-    manifest = Manifest(
-        name=name, kind=kind, length=length, vocab_size=vocab_size, geometry=geometry, columns=columns, splits=entries
-    )
-    with fs.open_output_stream(join(root, MANIFEST)) as out:
-        out.write(manifest.model_dump_json(indent=2).encode())
-    return manifest
-
-
-def _column(array: np.ndarray) -> pa.Array:
-    if array.ndim == 2:
-        return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
-    return pa.array(array)
-
-
 def read_manifest(uri: str) -> Manifest:
-    fs, root = resolve(uri)
-    path = join(root, MANIFEST)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        if fs.get_file_info(root).type == pafs.FileType.NotFound:
-            raise DatasetError(f"dataset {uri} does not exist (no such folder); check data.path")
+    try:
+        raw = read_bytes(join(uri, MANIFEST))
+    except FileNotFoundError:
+        if not list_files(uri):
+            raise DatasetError(f"no dataset at {uri}: nothing is there; check data.path or prepare it") from None
         raise DatasetError(
             f"{uri} has no {MANIFEST}: the dataset is incomplete (an interrupted write?); "
-            "prepare it again"
-        )
-    with fs.open_input_stream(path) as stream:
-        raw = stream.read()
+            "run prepare_data again to complete it"
+        ) from None
+    except StorageError as exc:
+        raise DatasetError(str(exc)) from None
     try:
         return Manifest.model_validate(json.loads(raw))
     except ValueError as exc:
         raise DatasetError(f"{join(uri, MANIFEST)} is not a valid manifest: {exc}") from None
 
 
-def verify_shards(uri: str, manifest: Manifest, splits: Iterable[str]) -> None:
-    """Checks every shard of `splits` against the manifest: size, sha256 and row count."""
-    fs, root = resolve(uri)
-    for split in splits:
-        for shard in manifest.split(split):
-            _verify_shard(fs, root, uri, shard, manifest)
+def verify_shards(uri: str, manifest: Manifest, splits: Iterable[str], max_hash_bytes: int | None = None, seed: int = 0) -> int:
+    """Checks the shards of `splits` against the manifest; returns how many were hashed.
+
+    Every shard: present, with the recorded size. Hashed shards (all when their total is within
+    `max_hash_bytes` or it is None, else a seeded sample within it): sha256, rows and schema.
+    """
+    shards = [shard for split in splits for shard in manifest.split(split)]
+    try:
+        sizes = list_files(uri)
+    except StorageError as exc:
+        raise DatasetError(str(exc)) from None
+    for shard in shards:
+        where = join(uri, shard.path)
+        if shard.path not in sizes:
+            raise DatasetError(f"shard {where} listed in the manifest is missing; run prepare_data again")
+        if sizes[shard.path] != shard.bytes:
+            raise DatasetError(
+                f"shard {where} is corrupted or truncated: {sizes[shard.path]} bytes, the manifest says "
+                f"{shard.bytes}; run prepare_data again"
+            )
+    chosen = _hash_sample(shards, max_hash_bytes, seed)
+    for shard in chosen:
+        _verify_content(uri, shard, manifest)
+    return len(chosen)
 
 
-def _verify_shard(fs: pafs.FileSystem, root: str, uri: str, shard: Shard, manifest: Manifest) -> None:
+def _hash_sample(shards: list[Shard], max_hash_bytes: int | None, seed: int) -> list[Shard]:
+    if max_hash_bytes is None or sum(s.bytes for s in shards) <= max_hash_bytes:
+        return shards
+    order = np.random.default_rng(seed).permutation(len(shards)).tolist()
+    chosen, budget = [], max_hash_bytes
+    for index in [0, len(shards) - 1, *order]:
+        shard = shards[index]
+        if shard not in chosen and (shard.bytes <= budget or not chosen):
+            chosen.append(shard)
+            budget -= shard.bytes
+    return chosen
+
+
+def _verify_content(uri: str, shard: Shard, manifest: Manifest) -> None:
     where = join(uri, shard.path)
     try:
-        with fs.open_input_stream(join(root, shard.path)) as stream:
-            data = stream.read()
+        data = read_bytes(where)
     except FileNotFoundError:
-        raise DatasetError(f"shard {where} listed in the manifest is missing; prepare the dataset again") from None
+        raise DatasetError(f"shard {where} listed in the manifest is missing; run prepare_data again") from None
+    except StorageError as exc:
+        raise DatasetError(str(exc)) from None
     if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
         raise DatasetError(
             f"shard {where} is corrupted: its size or sha256 does not match the manifest "
-            f"({len(data)} bytes, expected {shard.bytes}); prepare the dataset again"
+            f"({len(data)} bytes, expected {shard.bytes}); run prepare_data again"
         )
     try:
         meta = pq.ParquetFile(io.BytesIO(data)).metadata
@@ -180,9 +152,36 @@ def _verify_shard(fs: pafs.FileSystem, root: str, uri: str, shard: Shard, manife
         raise DatasetError(f"shard {where} is not readable Parquet: {exc}") from None
     if meta.num_rows != shard.rows:
         raise DatasetError(f"shard {where} holds {meta.num_rows} rows, the manifest says {shard.rows}")
-    missing = set(manifest.columns) - set(meta.schema.to_arrow_schema().names)
+    problem = schema_mismatch(meta.schema.to_arrow_schema(), manifest)
+    if problem:
+        raise DatasetError(f"shard {where} does not match the manifest: {problem}; run prepare_data again")
+
+
+def schema_mismatch(schema: pa.Schema, manifest: Manifest) -> str | None:
+    """What is wrong with a shard's schema for this manifest, or None."""
+    missing = set(manifest.columns) - set(schema.names)
     if missing:
-        raise DatasetError(f"shard {where} lacks column(s) {sorted(missing)} that the manifest declares")
+        return f"it lacks column(s) {sorted(missing)}"
+    values = schema.field(VALUES).type
+    width = manifest.length * (manifest.patch_dim or 1)
+    if not pa.types.is_fixed_size_list(values) or values.list_size != width:
+        return f"'{VALUES}' is {values}, the manifest needs a fixed-size list of {width} per row"
+    wanted = pa.types.is_integer if manifest.kind == "discrete" else pa.types.is_floating
+    if not wanted(values.value_type):
+        return f"'{VALUES}' holds {values.value_type}, which does not fit {manifest.kind} data"
+    return None
+
+
+def encode_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """Columns as an Arrow table: `values` [N, L] or [N, L, P] becomes a fixed-size list per row."""
+    return pa.table({name: _column(array) for name, array in columns.items()})
+
+
+def _column(array: np.ndarray) -> pa.Array:
+    if array.ndim >= 2:
+        flat = array.reshape(len(array), -1)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+    return pa.array(array)
 
 
 def shard_uris(uri: str, manifest: Manifest, split: str) -> list[str]:
@@ -190,7 +189,10 @@ def shard_uris(uri: str, manifest: Manifest, split: str) -> list[str]:
 
 
 def read_split(uri: str, manifest: Manifest, split: str, columns: list[str] = (VALUES,)) -> dict[str, np.ndarray]:
-    """Reads a whole (small) split into memory: for evaluation, not for training."""
+    """Reads a whole (small) split into memory: for evaluation, not for training.
+
+    `values` comes back as [N, L] (discrete) or [N, L, P] (continuous).
+    """
     fs, root = resolve(uri)
     tables = [pq.read_table(join(root, s.path), filesystem=fs, columns=list(columns)) for s in manifest.split(split)]
     table = pa.concat_tables(tables)
@@ -198,7 +200,8 @@ def read_split(uri: str, manifest: Manifest, split: str, columns: list[str] = (V
     for col in columns:
         chunked = table.column(col).combine_chunks()
         if pa.types.is_fixed_size_list(chunked.type):
-            out[col] = chunked.flatten().to_numpy().reshape(len(chunked), chunked.type.list_size).copy()
+            shape = (len(chunked), manifest.length, manifest.patch_dim) if manifest.patch_dim else (len(chunked), -1)
+            out[col] = chunked.flatten().to_numpy().reshape(shape).copy()
         else:
             out[col] = chunked.to_numpy()
     return out

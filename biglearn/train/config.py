@@ -24,6 +24,9 @@ class DataConfig(Config):
     shuffle_buffer: PositiveInt = 2048
     materialize_max_bytes: NonNegativeInt = 256 * 2**20
     """Training splits up to this size are read once and kept in Ray's object store."""
+    verify_max_bytes: NonNegativeInt | None = 2**30
+    """Before training, shards are hashed up to this many bytes (all of them for smaller datasets, a
+    seeded sample beyond); every shard's presence and size is always checked. null hashes all."""
 
 
 class OptimConfig(Config):

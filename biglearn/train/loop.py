@@ -18,7 +18,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from biglearn.data.manifest import Manifest, join, resolve
+from biglearn.data.manifest import Manifest
+from biglearn.data.storage import join, resolve
 from biglearn.export import write_export
 from biglearn.model import ModelSpec, UniversalTransformer
 from biglearn.objectives import big_learning_loss

@@ -16,7 +16,8 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from biglearn.data.digits import ensure_digits
-from biglearn.data.manifest import DatasetError, Manifest, join, read_manifest, resolve, shard_uris, verify_shards
+from biglearn.data.manifest import DatasetError, Manifest, read_manifest, shard_uris, verify_shards
+from biglearn.data.storage import StorageError, check_bucket, forwarded_env, join, resolve, write_bytes
 from biglearn.train.config import ClusterConfig, PretrainConfig
 from biglearn.train.engine import cpu_bf16
 from biglearn.train.evaluate import evaluate_export
@@ -40,7 +41,10 @@ def prepare_data(cfg: PretrainConfig) -> Manifest:
     if cfg.data.embedded == "digits":
         ensure_digits(uri)
     manifest = read_manifest(uri)
-    verify_shards(uri, manifest, [cfg.data.train_split, cfg.data.validation_split])
+    hashed = verify_shards(uri, manifest, [cfg.data.train_split, cfg.data.validation_split], cfg.data.verify_max_bytes)
+    total = len(manifest.split(cfg.data.train_split)) + len(manifest.split(cfg.data.validation_split))
+    print(f"[biglearn] dataset {manifest.name} at {uri}: {total} shard(s) present with the manifest's sizes, "
+          f"{hashed} hashed and checked", flush=True)
     if manifest.kind != "discrete":
         raise DatasetError(f"{uri} holds {manifest.kind} data; maximum-likelihood pretraining needs discrete tokens")
     rows, needed = manifest.rows(cfg.data.train_split), cfg.micro_batch_size * cfg.cluster.num_workers
@@ -64,10 +68,16 @@ def connect(cluster: ClusterConfig) -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     if not ray.is_initialized():
-        ray.init(address=cluster.address)  # None: RAY_ADDRESS if set, else a new local Ray
+        # address None: RAY_ADDRESS if set, else a new local Ray. Workers on other nodes need the
+        # same S3 endpoint/region settings as this driver (credentials come from their own chain).
+        ray.init(address=cluster.address, runtime_env={"env_vars": forwarded_env()})
 
 
 def pretrain(cfg: PretrainConfig) -> Outcome:
+    try:
+        check_bucket(cfg.run.storage)
+    except StorageError as exc:
+        raise PretrainError(f"run.storage: {exc}") from None
     manifest = prepare_data(cfg)
     connect(cfg.cluster)
     use_gpu = cfg.cluster.use_gpu
@@ -77,7 +87,7 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
     fs, storage_root = resolve(storage)
     run_root = join(storage_root, cfg.run.name)
     fs.create_dir(run_root, recursive=True)
-    _write(fs, join(run_root, "config.json"), json.dumps(cfg.to_json(), indent=2))
+    write_bytes(join(join(storage, cfg.run.name), "config.json"), json.dumps(cfg.to_json(), indent=2).encode())
 
     train_data = ray.data.read_parquet(shard_uris(cfg.data.path, manifest, cfg.data.train_split)).select_columns(["values"])
     if sum(shard.bytes for shard in manifest.split(cfg.data.train_split)) <= cfg.data.materialize_max_bytes:
@@ -135,11 +145,6 @@ def _precision(use_gpu: bool, precision: str) -> str:
 def _storage_path(storage: str) -> str:
     """Ray wants absolute local paths; URIs (s3://...) pass through."""
     return storage if "://" in storage else os.path.abspath(storage)
-
-
-def _write(fs: pafs.FileSystem, path: str, text: str) -> None:
-    with fs.open_output_stream(path) as out:
-        out.write(text.encode())
 
 
 def _failure_message(exc: ray.train.TrainingFailedError, cfg: PretrainConfig) -> str:

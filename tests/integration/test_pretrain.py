@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from biglearn.config import load_config
 from biglearn.data.digits import ensure_digits
 from biglearn.export import load_export
-from biglearn.train.config import PretrainConfig
 from biglearn.train.run import PretrainError, pretrain
+from conftest import tiny_config as tiny
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -31,39 +30,6 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("data") / "digits")
-    ensure_digits(path)
-    return path
-
-
-def tiny(digits: str, storage: Path, name: str, *extra: str) -> PretrainConfig:
-    """A two-worker ZeRO-2 run small enough for a 2-core machine."""
-    overrides = [
-        f"data.path={digits}",
-        f"run.storage={storage}",
-        f"run.name={name}",
-        "model.d_model=32",
-        "model.num_layers=1",
-        "model.num_heads=2",
-        "optim.batch_size=32",
-        "optim.warmup_steps=2",
-        "train.steps=12",
-        "train.log_every=1",
-        "train.checkpoint_every=4",
-        "cluster.num_workers=2",
-        "cluster.torch_threads=1",
-        "eval.panel_examples=16",
-        "eval.panel_steps=2",
-        "eval.decode_steps=2",
-        "eval.num_joint=4",
-        "eval.num_shown=4",
-        *extra,
-    ]
-    return load_config(PretrainConfig, None, overrides)
 
 
 def logged_steps(run_folder: str) -> list[int]:

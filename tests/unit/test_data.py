@@ -1,108 +1,129 @@
-"""The dataset layer: shards then manifest, and shard checks that name the bad file."""
+"""The dataset layer: a seeded split into shards, the manifest written last, resumable writes,
+and shard checks that name the bad file."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import biglearn.data.manifest as manifest_module
+import biglearn.data.prepare as prepare_module
 from biglearn.data.digits import ensure_digits
-from biglearn.data.manifest import (
-    DatasetError,
-    Geometry,
-    read_manifest,
-    read_split,
-    verify_shards,
-    write_dataset,
-)
+from biglearn.data.manifest import DatasetError, Geometry, read_manifest, read_split, verify_shards
+from biglearn.data.prepare import split_plan, write_source
+from biglearn.data.sources import ArraySource
 
 
-def toy_splits():
+def toy_source(rows: int = 29) -> ArraySource:
     rng = np.random.default_rng(0)
-    return {
-        "train": {"values": rng.integers(0, 9, (25, 6)).astype(np.int16), "label": np.arange(25, dtype=np.int16)},
-        "validation": {"values": rng.integers(0, 9, (4, 6)).astype(np.int16), "label": np.arange(4, dtype=np.int16)},
-    }
+    columns = {"values": rng.integers(0, 9, (rows, 6)).astype(np.int16), "label": np.arange(rows, dtype=np.int16)}
+    return ArraySource("toy", columns, vocab_size=9, geometry=Geometry(height=2, width=3))
 
 
-def write_toy(root: Path):
-    geometry = Geometry(height=2, width=3)
-    return write_dataset(str(root), "toy", toy_splits(), kind="discrete", vocab_size=9, geometry=geometry,
-                         rows_per_shard=10)
+def write_toy(root: Path, source: ArraySource | None = None, **options):
+    options = {"name": "toy", "validation_fraction": 0.15, "seed": 3, "rows_per_shard": 10, **options}
+    return write_source(source or toy_source(), str(root), **options)
 
 
-class RecordingFS:
-    """Delegates to a real filesystem and records the order in which files are written."""
-
-    def __init__(self, fs, written):
-        self._fs, self._written = fs, written
-
-    def open_output_stream(self, path, *args, **kwargs):
-        self._written.append(path)
-        return self._fs.open_output_stream(path, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._fs, name)
+def test_split_plan_is_a_seeded_partition():
+    plan = split_plan(103, 0.2, seed=7, rows_per_shard=25)
+    rows = {split: np.concatenate(parts) for split, parts in plan.items()}
+    assert len(rows["validation"]) == 21 and len(rows["train"]) == 82  # ceil(0.2 * 103) validation
+    assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(103))
+    assert [len(p) for p in plan["train"]] == [25, 25, 25, 7]
+    again = split_plan(103, 0.2, seed=7, rows_per_shard=25)
+    assert all(np.array_equal(a, b) for a, b in zip(plan["train"], again["train"]))
+    other = split_plan(103, 0.2, seed=8, rows_per_shard=25)
+    assert not np.array_equal(np.concatenate(plan["validation"]), np.concatenate(other["validation"]))
 
 
-def test_write_dataset_writes_shards_then_the_manifest(tmp_path, monkeypatch):
+def test_write_source_writes_shards_then_the_manifest(tmp_path, monkeypatch):
     written: list[str] = []
-    real_resolve = manifest_module.resolve
-    monkeypatch.setattr(manifest_module, "resolve", lambda uri: (RecordingFS(real_resolve(uri)[0], written),
-                                                                 real_resolve(uri)[1]))
+    real_write = prepare_module.write_bytes
+    monkeypatch.setattr(prepare_module, "write_bytes", lambda uri, data: (written.append(uri), real_write(uri, data)))
     root = tmp_path / "toy"
     manifest = write_toy(root)
     names = [Path(p).name for p in written]
     assert names[-1] == "manifest.json" and names.count("manifest.json") == 1
-    assert sorted(names[:-1]) == [f"train-0000{i}.parquet" for i in range(3)] + ["validation-00000.parquet"]
+    shards = sorted(n for n in names if n.endswith(".parquet"))
+    assert shards == [f"train-0000{i}.parquet" for i in range(3)] + ["validation-00000.parquet"]
+    assert not (root / "_receipts").exists()  # receipts are gone once committed
 
-    monkeypatch.undo()
     assert read_manifest(str(root)) == manifest
-    assert manifest.length == 6 and manifest.rows("train") == 25 and manifest.rows("validation") == 4
-    assert [s.rows for s in manifest.split("train")] == [10, 10, 5]
-    assert manifest.grid == (2, 3) and manifest.columns == ["values", "label"]
+    assert manifest.rows("train") == 24 and manifest.rows("validation") == 5
+    assert [s.rows for s in manifest.split("train")] == [10, 10, 4]
+    assert manifest.grid == (2, 3) and manifest.columns == ["values", "label"] and manifest.plan
     for shard in manifest.split("train"):
         data = (root / shard.path).read_bytes()
         assert shard.bytes == len(data) and shard.sha256 == hashlib.sha256(data).hexdigest()
-    back = read_split(str(root), manifest, "train", ["values", "label"])
-    assert np.array_equal(back["values"], toy_splits()["train"]["values"])
-    assert np.array_equal(back["label"], toy_splits()["train"]["label"])
+    source = toy_source()
+    for split in ("train", "validation"):
+        back = read_split(str(root), manifest, split, ["values", "label"])
+        assert np.array_equal(back["values"], source.columns["values"][back["label"]])  # rows intact
+    assert sorted(np.concatenate([read_split(str(root), manifest, s, ["label"])["label"] for s in ("train", "validation")])
+                  .tolist()) == list(range(29))
     with pytest.raises(DatasetError, match="no split 'test'"):
         manifest.split("test")
 
 
-def test_read_manifest_refuses_incomplete_and_missing_datasets(tmp_path):
+def test_an_interrupted_write_leaves_no_manifest_and_a_rerun_completes_it(tmp_path, monkeypatch):
+    root = tmp_path / "toy"
+    converted: list[str] = []
+    real_write_shard = prepare_module.write_shard
+
+    def dies_on_third(source, output, fingerprint, split, index, rows):
+        if len(converted) == 2:
+            raise OSError("killed")
+        converted.append(f"{split}-{index}")
+        return real_write_shard(source, output, fingerprint, split, index, rows)
+
+    monkeypatch.setattr(prepare_module, "write_shard", dies_on_third)
+    with pytest.raises(OSError):
+        write_toy(root)
+    with pytest.raises(DatasetError, match="incomplete"):
+        read_manifest(str(root))
+    done_first = list(converted)
+
+    converted.clear()
+    monkeypatch.setattr(prepare_module, "write_shard",
+                        lambda *a: (converted.append(f"{a[3]}-{a[4]}"), real_write_shard(*a))[1])
+    manifest = write_toy(root)
+    assert len(converted) == 2 and not set(converted) & set(done_first)  # only the missing shards
+    labels = np.concatenate([read_split(str(root), manifest, s, ["label"])["label"] for s in ("train", "validation")])
+    assert sorted(labels.tolist()) == list(range(29))  # every row exactly once
+    assert manifest == write_toy(tmp_path / "fresh")  # the same as an uninterrupted write
+
+
+def test_a_committed_dataset_is_kept_unless_overwrite_is_asked(tmp_path):
+    root = tmp_path / "toy"
+    manifest = write_toy(root)
+    stamps = {p.name: os.stat(p).st_mtime_ns for p in root.iterdir()}
+    assert write_toy(root) == manifest  # same plan: nothing to do
+    assert {p.name: os.stat(p).st_mtime_ns for p in root.iterdir()} == stamps
+    with pytest.raises(DatasetError, match="already holds a different dataset"):
+        write_toy(root, seed=4)
+    assert read_manifest(str(root)) == manifest  # refused: untouched
+    replaced = write_toy(root, seed=4, rows_per_shard=20, overwrite=True)
+    assert read_manifest(str(root)) == replaced and replaced.plan != manifest.plan
+    assert sorted(p.name for p in root.glob("*.parquet")) == ["train-00000.parquet", "train-00001.parquet",
+                                                              "validation-00000.parquet"]
+
+
+def test_read_manifest_refuses_incomplete_missing_and_invalid_datasets(tmp_path):
     root = tmp_path / "toy"
     write_toy(root)
     (root / "manifest.json").unlink()  # as if the writer died before the commit
     with pytest.raises(DatasetError, match="incomplete"):
         read_manifest(str(root))
-    with pytest.raises(DatasetError, match="does not exist"):
+    with pytest.raises(DatasetError, match="no dataset at"):
         read_manifest(str(tmp_path / "nowhere"))
     (root / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetError, match="not a valid manifest"):
         read_manifest(str(root))
-
-
-def test_rewriting_withdraws_the_old_manifest_first(tmp_path, monkeypatch):
-    root = tmp_path / "toy"
-    write_toy(root)
-
-    def die(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(manifest_module.pq, "write_table", die)  # the rewrite dies before any shard
-    with pytest.raises(OSError):
-        write_toy(root)
-    monkeypatch.undo()
-    with pytest.raises(DatasetError, match="incomplete"):
-        read_manifest(str(root))
-    manifest = write_toy(root)  # and a complete rewrite commits again
-    assert read_manifest(str(root)) == manifest
 
 
 def _damage(path: Path, how: str) -> None:
@@ -120,7 +141,7 @@ def _damage(path: Path, how: str) -> None:
 def test_verify_shards_names_the_bad_shard(tmp_path, how):
     root = tmp_path / "toy"
     manifest = write_toy(root)
-    verify_shards(str(root), manifest, ["train", "validation"])  # a good dataset passes
+    assert verify_shards(str(root), manifest, ["train", "validation"]) == 4  # a good dataset passes
     bad = root / manifest.split("train")[1].path
     _damage(bad, how)
     verify_shards(str(root), manifest, ["validation"])  # other splits are unaffected
@@ -131,7 +152,28 @@ def test_verify_shards_names_the_bad_shard(tmp_path, how):
     for other in manifest.split("train"):
         if other.path != bad.name:
             assert other.path not in message
-    assert ("missing" if how == "deleted" else "corrupted") in message
+    assert {"deleted": "missing", "truncated": "truncated", "flipped": "corrupted"}[how] in message
+
+
+def test_sampled_verification_hashes_within_the_budget_and_still_checks_every_size(tmp_path):
+    root = tmp_path / "toy"
+    manifest = write_toy(root, source=toy_source(200), rows_per_shard=10)
+    shards = manifest.split("train")
+    budget = 3 * max(s.bytes for s in shards)
+    assert verify_shards(str(root), manifest, ["train"], max_hash_bytes=budget) == 3
+    _damage(root / shards[5].path, "truncated")  # whether or not it is sampled, its size gives it away
+    with pytest.raises(DatasetError, match=shards[5].path):
+        verify_shards(str(root), manifest, ["train"], max_hash_bytes=budget)
+
+
+def test_a_shard_whose_schema_disagrees_with_the_manifest_is_named(tmp_path):
+    root = tmp_path / "toy"
+    write_toy(root)
+    text = json.loads((root / "manifest.json").read_text())
+    text["length"] = 7
+    (root / "manifest.json").write_text(json.dumps(text))
+    with pytest.raises(DatasetError, match=r"train-00000.parquet does not match the manifest: 'values' is .*list of 7"):
+        verify_shards(str(root), read_manifest(str(root)), ["train"])
 
 
 def test_ensure_digits_writes_once(tmp_path):

@@ -1,0 +1,468 @@
+"""Real formats as datasets: each source turns row indices into rows of the dataset layout.
+
+Rows are addressable by index, so shards can be converted in any order, in parallel worker
+processes, and again after an interruption, always with the same content. Opening a source
+checks its input (formats, sizes, modes, attribute coverage) before anything is written.
+
+Sources: MNIST-style IDX files, an image folder (PNG/JPEG, optional CSV or CelebA attributes),
+UTF-8 text, the embedded digits, and synthetic Gaussian mixtures. Images become quantised pixel
+tokens (grayscale, V = levels) or continuous patches (values scaled to [-1, 1], P = patch *
+patch * channels, positions in row-major patch order).
+
+Legend: N = rows, H/W/C = image height/width/channels, L = positions, P = patch dimension.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import gzip
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Union
+
+import numpy as np
+from pydantic import Field, PositiveInt
+
+from biglearn.config import Config
+from biglearn.data.manifest import DatasetError, Geometry
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+
+class ImageEncoding(Config):
+    encoding: Literal["tokens", "patches"] = "tokens"
+    """tokens: one quantised grayscale pixel per position; patches: continuous patch vectors."""
+    levels: int = Field(256, ge=2, le=256)
+    """Token vocabulary for `tokens`: 8-bit pixels are quantised into this many levels."""
+    patch: PositiveInt = 4
+    """Patch side for `patches` (the image side must be a multiple of it)."""
+
+
+class IdxInput(ImageEncoding):
+    kind: Literal["idx"]
+    images: str
+    """An MNIST-style IDX image file (e.g. train-images-idx3-ubyte, optionally .gz)."""
+    labels: str | None = None
+    """The matching IDX label file (train-labels-idx1-ubyte[.gz]), stored as a `label` column."""
+
+
+class ImageFolderInput(ImageEncoding):
+    kind: Literal["images"]
+    folder: str
+    """Searched recursively for .png/.jpg/.jpeg files."""
+    resolution: PositiveInt | None = None
+    """Resize the shorter side to this and center-crop square; null: all images must share one size."""
+    mode: Literal["L", "RGB"] | None = None
+    """Convert every image to this mode; null: all images must already share L or RGB."""
+    attributes: str | None = None
+    """Per-image attributes: a CSV (first column the file name) or CelebA's list_attr_celeba.txt."""
+
+
+class TextInput(Config):
+    kind: Literal["text"]
+    files: str
+    """A UTF-8 text file, or a folder searched recursively for files."""
+    length: PositiveInt = 256
+    """Window length in bytes (L); the vocabulary is the 256 byte values."""
+    stride: PositiveInt | None = None
+    """Step between window starts (default: the length, i.e. no overlap)."""
+
+
+class DigitsInput(Config):
+    kind: Literal["digits"]
+
+
+class GmmInput(Config):
+    kind: Literal["gmm"]
+    mixture: Literal["gmm2", "gmm25"] = "gmm25"
+    """gmm2: 1/2 N((-1,0), 0.1 I) + 1/2 N((1,0), 0.1 I); gmm25: 25 equal N(mode, 0.05 I) on {-4,-2,0,2,4}^2."""
+    num_examples: PositiveInt = 100_000
+    seed: int = 0
+
+
+SourceInput = Annotated[Union[IdxInput, ImageFolderInput, TextInput, DigitsInput, GmmInput], Field(discriminator="kind")]
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+class Source:
+    """A dataset to convert: its shape, and `rows(indices)` giving the columns of those rows."""
+
+    name: str
+    kind: Literal["discrete", "continuous"] = "discrete"
+    length: int
+    vocab_size: int | None = None
+    patch_dim: int | None = None
+    geometry: Geometry | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What determines the rows: options and input files (names and sizes)."""
+        raise NotImplementedError
+
+
+class ArraySource(Source):
+    """Rows already in memory (the embedded digits, tests)."""
+
+    def __init__(self, name: str, columns: dict[str, np.ndarray], **shape):
+        self.name, self.columns = name, columns
+        for key, value in shape.items():
+            setattr(self, key, value)
+        self.length = columns["values"].shape[1]
+
+    def __len__(self) -> int:
+        return len(self.columns["values"])
+
+    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: array[indices_N] for name, array in self.columns.items()}
+
+    def identity(self) -> dict:
+        digest = hashlib.sha256()
+        for name, array in self.columns.items():
+            digest.update(name.encode() + np.ascontiguousarray(array).tobytes())
+        return {"arrays": digest.hexdigest()}
+
+
+def encode_images(images_NHWC: np.ndarray, options: ImageEncoding) -> np.ndarray:
+    """uint8 images [N, H, W, C] -> tokens [N, H*W] (uint8) or patches [N, L, P] (float32)."""
+    n, h, w, c = images_NHWC.shape
+    if options.encoding == "tokens":
+        return (images_NHWC[..., 0].astype(np.uint16) * options.levels // 256).astype(np.uint8).reshape(n, h * w)
+    p = options.patch
+    x = images_NHWC.astype(np.float32) / 127.5 - 1.0
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return np.ascontiguousarray(x.reshape(n, (h // p) * (w // p), p * p * c))
+
+
+def _image_shape(source: Source, where: str, height: int, width: int, channels: int, options: ImageEncoding) -> None:
+    """Sets the source's kind, L, V or P and geometry for images of this size."""
+    if options.encoding == "tokens":
+        if channels != 1:
+            raise DatasetError(
+                f"{where}: quantised tokens are grayscale; set source.mode=L, or use source.encoding=patches for colour"
+            )
+        source.kind, source.vocab_size, source.length = "discrete", options.levels, height * width
+        source.geometry = Geometry(height=height, width=width, channels=1, patch=1)
+        return
+    p = options.patch
+    if height % p or width % p:
+        raise DatasetError(f"{where}: images are {height}x{width}, not a multiple of source.patch={p}; change the patch")
+    source.kind, source.patch_dim, source.length = "continuous", p * p * channels, (height // p) * (width // p)
+    source.geometry = Geometry(height=height, width=width, channels=channels, patch=p)
+
+
+# IDX: a 4-byte magic (0, 0, element type, number of dimensions), big-endian int32 sizes, data.
+IDX_UBYTE = 0x08
+
+
+def read_idx_header(path: Path, ndim: int) -> tuple[tuple[int, ...], int]:
+    """(shape, data offset) of an uncompressed IDX file of unsigned bytes with `ndim` dimensions."""
+    with open(path, "rb") as stream:
+        magic = stream.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] != IDX_UBYTE or magic[3] != ndim:
+            expected = f"00 00 08 {ndim:02x}"
+            raise DatasetError(
+                f"{path} is not an IDX file of {ndim}-D unsigned bytes: its magic number is {magic.hex(' ') or 'empty'}, "
+                f"expected {expected} (as in train-{'images-idx3' if ndim == 3 else 'labels-idx1'}-ubyte)"
+            )
+        sizes = stream.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise DatasetError(f"{path}: the IDX header is truncated")
+    shape = tuple(int(v) for v in np.frombuffer(sizes, dtype=">i4"))
+    offset = 4 + 4 * ndim
+    expected_bytes = offset + int(np.prod(shape))
+    actual = path.stat().st_size
+    if actual != expected_bytes:
+        raise DatasetError(
+            f"{path}: the header declares shape {shape} ({expected_bytes} bytes) but the file has {actual} bytes "
+            "(truncated or not an IDX file)"
+        )
+    return shape, offset
+
+
+class IdxSource(Source):
+    def __init__(self, cfg: IdxInput, scratch: Path):
+        self.cfg = cfg
+        self.images_path = _uncompressed(Path(cfg.images), scratch)
+        shape, self.images_offset = read_idx_header(self.images_path, 3)
+        self.count, height, width = shape
+        self.labels_path = self.labels_offset = None
+        if cfg.labels:
+            self.labels_path = _uncompressed(Path(cfg.labels), scratch)
+            (label_count,), self.labels_offset = read_idx_header(self.labels_path, 1)
+            if label_count != self.count:
+                raise DatasetError(f"{cfg.labels} holds {label_count} labels for {self.count} images in {cfg.images}")
+        self.name = Path(cfg.images).name.split(".")[0]
+        _image_shape(self, cfg.images, height, width, 1, cfg)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.memmap(self.images_path, np.uint8, "r", self.images_offset).reshape(self.count, -1)
+        h, w = self.geometry.height, self.geometry.width
+        out = {"values": encode_images(np.asarray(images[indices_N]).reshape(-1, h, w, 1), self.cfg)}
+        if self.labels_path:
+            labels = np.memmap(self.labels_path, np.uint8, "r", self.labels_offset)
+            out["label"] = np.asarray(labels[indices_N]).astype(np.int16)
+        return out
+
+    def identity(self) -> dict:
+        return {"config": self.cfg.model_dump(), "files": _file_ids([Path(self.cfg.images), *([Path(self.cfg.labels)] if self.cfg.labels else [])])}
+
+
+def _uncompressed(path: Path, scratch: Path) -> Path:
+    """The file itself, or for .gz a decompressed copy in `scratch` (so it can be memory-mapped)."""
+    if not path.is_file():
+        raise DatasetError(f"{path} does not exist")
+    if path.suffix != ".gz":
+        return path
+    target = scratch / path.stem
+    try:
+        with gzip.open(path, "rb") as source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"{path} is not a readable gzip file: {exc}") from None
+    return target
+
+
+class ImageFolderSource(Source):
+    def __init__(self, cfg: ImageFolderInput):
+        from PIL import Image, UnidentifiedImageError
+
+        self.cfg = cfg
+        root = Path(cfg.folder)
+        if not root.is_dir():
+            raise DatasetError(f"image folder {root} does not exist")
+        self.files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise DatasetError(f"no PNG or JPEG images under {root}; check source.folder")
+        sizes, modes = {}, {}
+        for name in self.files:
+            try:
+                with Image.open(root / name) as image:
+                    sizes.setdefault(image.size, name)
+                    modes.setdefault(image.mode, name)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DatasetError(f"{root / name} is not a readable image: {exc}") from None
+        if cfg.resolution is None and len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h} (e.g. {name})" for (w, h), name in list(sizes.items())[:4])
+            raise DatasetError(f"images under {root} have mixed sizes: {shown}; set source.resolution to resize and crop them")
+        mode = cfg.mode
+        if mode is None:
+            if len(modes) > 1 or not set(modes) <= {"L", "RGB"}:
+                shown = ", ".join(f"{m} (e.g. {name})" for m, name in modes.items())
+                raise DatasetError(f"images under {root} have mode(s) {shown}; set source.mode=RGB or source.mode=L to convert them")
+            mode = next(iter(modes))
+        self.image_mode = mode
+        width, height = (cfg.resolution, cfg.resolution) if cfg.resolution else next(iter(sizes))
+        self.name = root.name
+        _image_shape(self, str(root), height, width, 1 if mode == "L" else 3, cfg)
+        self.attribute_names, self.attributes = (
+            read_attributes(Path(cfg.attributes), self.files) if cfg.attributes else ([], None)
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        from PIL import Image, ImageOps
+
+        root, side = Path(self.cfg.folder), self.cfg.resolution
+        pixels = []
+        for index in indices_N:
+            with Image.open(root / self.files[index]) as image:
+                image = image.convert(self.image_mode)
+                if side:
+                    image = ImageOps.fit(image, (side, side), Image.Resampling.BICUBIC)
+                pixels.append(np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, -1))
+        out = {"values": encode_images(np.stack(pixels), self.cfg)}
+        for column, name in enumerate(self.attribute_names):
+            out[name] = self.attributes[indices_N, column]
+        return out
+
+    def identity(self) -> dict:
+        root = Path(self.cfg.folder)
+        files = _file_ids([root / name for name in self.files], root)
+        attributes = _file_ids([Path(self.cfg.attributes)]) if self.cfg.attributes else None
+        return {"config": self.cfg.model_dump(), "files": files, "attributes": attributes}
+
+
+def read_attributes(path: Path, files: list[str]) -> tuple[list[str], np.ndarray]:
+    """(names, int8 [N, A]) for `files` from a CSV (header row, first column the file name) or
+    CelebA's list_attr_celeba.txt (a count line, a names line, then `file v1 v2 ...`). Files are
+    matched by relative path or by base name."""
+    if not path.is_file():
+        raise DatasetError(f"attribute file {path} does not exist")
+    lines = path.read_text().splitlines()
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.reader(lines))
+        if not rows:
+            raise DatasetError(f"{path} is empty")
+        names, records, first_line = rows[0][1:], rows[1:], 2
+    else:
+        if len(lines) < 2 or not lines[0].strip().isdigit():
+            raise DatasetError(f"{path} is neither a CSV nor in CelebA's layout (a count line, then attribute names)")
+        names, records, first_line = lines[1].split(), [line.split() for line in lines[2:] if line.strip()], 3
+    reserved = {"values", "label"} & set(names)
+    if reserved:
+        raise DatasetError(f"{path}: attribute name(s) {sorted(reserved)} clash with dataset columns; rename them")
+    table = {}
+    for number, record in enumerate(records, first_line):
+        if len(record) != len(names) + 1:
+            raise DatasetError(f"{path} line {number}: {len(record) - 1} values for {len(names)} attributes")
+        try:
+            table[record[0]] = [int(v) for v in record[1:]]
+        except ValueError:
+            raise DatasetError(f"{path} line {number}: attribute values must be integers (e.g. -1/1)") from None
+    matrix, missing = [], []
+    for name in files:
+        values = table.get(name, table.get(Path(name).name))
+        if values is None:
+            missing.append(name)
+            values = [0] * len(names)
+        matrix.append(values)
+    if missing:
+        raise DatasetError(f"{path} has no attributes for {len(missing)} image(s), e.g. {missing[:3]}; add them or remove the images")
+    array = np.asarray(matrix, dtype=np.int64)
+    if array.size and (array.min() < -128 or array.max() > 127):
+        raise DatasetError(f"{path}: attribute values must fit in -128..127")
+    return names, array.astype(np.int8)
+
+
+class TextSource(Source):
+    vocab_size = 256
+
+    def __init__(self, cfg: TextInput):
+        self.cfg = cfg
+        root = Path(cfg.files)
+        if root.is_file():
+            paths = [root]
+        elif root.is_dir():
+            paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            raise DatasetError(f"text input {root} does not exist")
+        if not paths:
+            raise DatasetError(f"no files under {root}; check source.files")
+        self.length, self.stride = cfg.length, cfg.stride or cfg.length
+        self.paths = [str(p) for p in paths]
+        for path in paths:
+            check_utf8(path)
+        sizes = np.array([p.stat().st_size for p in paths], dtype=np.int64)
+        windows = np.where(sizes >= self.length, (sizes - self.length) // self.stride + 1, 0)
+        if windows.sum() == 0:
+            raise DatasetError(f"no file under {root} has {self.length} bytes (source.length); lower the length")
+        self.starts = np.concatenate([[0], np.cumsum(windows)])  # window numbers where each file begins
+        self.name = root.stem
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        files = np.searchsorted(self.starts, indices_N, side="right") - 1
+        values = np.empty((len(indices_N), self.length), dtype=np.uint8)
+        for file in np.unique(files):
+            data = np.memmap(self.paths[file], np.uint8, "r")
+            for row in np.flatnonzero(files == file):
+                offset = (indices_N[row] - self.starts[file]) * self.stride
+                values[row] = data[offset : offset + self.length]
+        return {"values": values}
+
+    def identity(self) -> dict:
+        return {"config": self.cfg.model_dump(), "files": _file_ids([Path(p) for p in self.paths])}
+
+
+def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{path} is not UTF-8: invalid byte at offset {offset + exc.start}") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not UTF-8: it ends inside a multi-byte character") from None
+
+
+def gmm_modes(mixture: str) -> tuple[np.ndarray, float]:
+    """(means [K, 2], per-coordinate variance) of the paper's mixtures (method.md section 3-4)."""
+    if mixture == "gmm2":
+        return np.array([[-1.0, 0.0], [1.0, 0.0]]), 0.1
+    grid = np.arange(-4.0, 5.0, 2.0)
+    return np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2), 0.05
+
+
+class GmmSource(Source):
+    """Samples of an equal-weight Gaussian mixture in 2-D: L = 2 coordinates, P = 1."""
+
+    kind, length, patch_dim = "continuous", 2, 1
+
+    def __init__(self, cfg: GmmInput):
+        self.cfg, self.name = cfg, cfg.mixture
+        self.means, self.variance = gmm_modes(cfg.mixture)
+
+    def __len__(self) -> int:
+        return self.cfg.num_examples
+
+    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        # Seeded by the rows asked for, so a shard converted again is the same shard.
+        rng = np.random.default_rng([self.cfg.seed, int(indices_N[0]), len(indices_N)])
+        component = rng.integers(0, len(self.means), len(indices_N))
+        x = self.means[component] + np.sqrt(self.variance) * rng.standard_normal((len(indices_N), 2))
+        return {"values": x.astype(np.float32)[:, :, None], "label": component.astype(np.int16)}
+
+    def identity(self) -> dict:
+        return {"config": self.cfg.model_dump()}
+
+
+def digits_source() -> ArraySource:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return ArraySource(
+        "digits",
+        {"values": digits.data.astype(np.int16), "label": digits.target.astype(np.int16)},
+        vocab_size=17,
+        geometry=Geometry(height=8, width=8),
+    )
+
+
+@contextlib.contextmanager
+def open_source(cfg: SourceInput) -> Iterator[Source]:
+    """The source for `cfg`, its input checked; scratch files (decompressed IDX) live until exit."""
+    with tempfile.TemporaryDirectory(prefix="biglearn-prepare-") as scratch:
+        if isinstance(cfg, IdxInput):
+            yield IdxSource(cfg, Path(scratch))
+        elif isinstance(cfg, ImageFolderInput):
+            yield ImageFolderSource(cfg)
+        elif isinstance(cfg, TextInput):
+            yield TextSource(cfg)
+        elif isinstance(cfg, GmmInput):
+            yield GmmSource(cfg)
+        else:
+            yield digits_source()
+
+
+def _file_ids(paths: list[Path], root: Path | None = None) -> str:
+    """A digest of file names and sizes: cheap, and changes when the input set changes."""
+    digest = hashlib.sha256()
+    for path in paths:
+        name = str(path.relative_to(root)) if root else path.name
+        digest.update(f"{name}\0{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
