@@ -81,7 +81,9 @@ def read_manifest(uri: str) -> Manifest:
         raw = read_bytes(join(uri, MANIFEST))
     except FileNotFoundError:
         if not list_files(uri):
-            raise DatasetError(f"no dataset at {uri}: nothing is there; check data.path or prepare it") from None
+            raise DatasetError(
+                f"no dataset at {uri}: it does not exist or is empty; check data.path, or run jobs/prepare_data.py"
+            ) from None
         raise DatasetError(
             f"{uri} has no {MANIFEST}: the dataset is incomplete (an interrupted write?); "
             "run prepare_data again to complete it"
