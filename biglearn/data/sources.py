@@ -14,6 +14,7 @@ Legend: N = rows, H/W/C = image height/width/channels, L = positions, P = patch 
 
 from __future__ import annotations
 
+import abc
 import codecs
 import contextlib
 import csv
@@ -93,7 +94,7 @@ SourceInput = Annotated[Union[IdxInput, ImageFolderInput, TextInput, DigitsInput
 # --- sources ---------------------------------------------------------------------------------
 
 
-class Source:
+class Source(abc.ABC):
     """A dataset to convert: its shape, and `rows(indices)` giving the columns of those rows."""
 
     name: str
@@ -103,15 +104,15 @@ class Source:
     patch_dim: int | None = None
     geometry: Geometry | None = None
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]: ...
 
+    @abc.abstractmethod
     def identity(self) -> dict:
         """What determines the rows: options and input files (names and sizes)."""
-        raise NotImplementedError
 
 
 class ArraySource(Source):
