@@ -10,7 +10,7 @@ Legend: B = batch, L = positions, V = vocabulary, N = remaining targets in the b
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -29,15 +29,23 @@ def complete(
     model: torch.nn.Module,
     values_BL: torch.Tensor,
     roles_BL: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     steps: int = 16,
     order: Order = "confidence",
     temperature: float = 1.0,
     top_k: int | None = None,
 ) -> torch.Tensor:
-    """Fills every TARGET position of `values_BL`; returns the completed values (int64)."""
+    """Fills every TARGET position of `values_BL`; returns the completed values (int64).
+
+    `generator` is one generator for the batch, or one per row: then each row draws its own
+    noise (a fixed amount per step), so a row's sample does not depend on the other rows, which
+    lets a server batch unrelated requests without changing their answers.
+    """
     if steps < 1:
         raise ValueError("steps must be >= 1")
+    per_row = not isinstance(generator, torch.Generator)
+    if per_row and len(generator) != values_BL.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {values_BL.shape[0]} rows")
     values_BL = values_BL.long().clone()
     roles_BL = roles_BL.clone()
     remaining_BL = roles_BL == TARGET
@@ -47,9 +55,16 @@ def complete(
             break
         logits_BLV = model(values_BL, roles_BL)
         logits_NV = logits_BLV[remaining_BL].float()
-        sampled_N, prob_N = _sample(logits_NV, generator, temperature, top_k)
+        if per_row:
+            draw_N = _row_uniforms(generator, remaining_BL)[remaining_BL]
+            order_N = _row_uniforms(generator, remaining_BL)[remaining_BL]
+            sampled_N, prob_N = _sample(logits_NV, None, temperature, top_k, draw_N)
+        else:
+            sampled_N, prob_N = _sample(logits_NV, generator, temperature, top_k)
         if order == "confidence":
             score_N = prob_N
+        elif per_row:
+            score_N = order_N
         else:
             score_N = torch.rand(prob_N.shape, generator=generator, device=prob_N.device)
         score_BL = torch.full(remaining_BL.shape, -1.0, device=values_BL.device)
@@ -64,9 +79,18 @@ def complete(
     return values_BL
 
 
-def _sample(logits_NV, generator, temperature, top_k):
+def _row_uniforms(generators: Sequence[torch.Generator], like_BL: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) noise_BL, row b from generators[b]; always L draws a row, whatever is left."""
+    length = like_BL.shape[1]
+    return torch.stack([torch.rand(length, generator=g, device=g.device) for g in generators]).to(like_BL.device)
+
+
+def _sample(logits_NV, generator, temperature, top_k, uniform_N=None):
     """Samples a value per row; also returns its probability under the untruncated, tempered
-    distribution (the confidence: top-k truncation would flatten it, e.g. to 1.0 at top_k=1)."""
+    distribution (the confidence: top-k truncation would flatten it, e.g. to 1.0 at top_k=1).
+
+    With `uniform_N`, the sample is the inverse CDF at that noise instead of a draw from
+    `generator`."""
     scaled_NV = logits_NV / temperature if temperature > 0 else logits_NV
     probs_NV = scaled_NV.softmax(-1)
     if temperature <= 0:
@@ -75,7 +99,14 @@ def _sample(logits_NV, generator, temperature, top_k):
         if top_k is not None and top_k < logits_NV.shape[-1]:
             kth_N1 = scaled_NV.topk(top_k, dim=-1).values[:, -1:]
             scaled_NV = scaled_NV.masked_fill(scaled_NV < kth_N1, float("-inf"))
-        sampled_N = torch.multinomial(scaled_NV.softmax(-1), 1, generator=generator)[:, 0]
+        truncated_NV = scaled_NV.softmax(-1)
+        if uniform_N is None:
+            sampled_N = torch.multinomial(truncated_NV, 1, generator=generator)[:, 0]
+        else:
+            below_N = (truncated_NV.cumsum(-1) < uniform_N[:, None]).sum(-1)
+            # The cumsum may end just under 1: never step past the last value top-k allows.
+            last_allowed_N = (truncated_NV > 0).long().cumsum(-1).argmax(-1)
+            sampled_N = torch.minimum(below_N, last_allowed_N)
     return sampled_N, probs_NV.gather(1, sampled_N[:, None])[:, 0]
 
 

@@ -1,4 +1,4 @@
-"""The core modules (model, sampler, decoding, export) import without the cluster stack."""
+"""The core modules (model, sampler, decoding, export, serving) import without the cluster stack."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ CORE = [
     "biglearn.generation",
     "biglearn.panel",
     "biglearn.export",
+    "biglearn.serving",
 ]
 HEAVY = ["ray", "deepspeed", "boto3", "botocore", "pyarrow"]
 

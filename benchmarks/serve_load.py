@@ -1,0 +1,151 @@
+"""Serve under load: requests/s and latency with batching on vs off, next to the bare model call.
+
+    python benchmarks/serve_load.py                          # untrained, digits-quick size
+    python benchmarks/serve_load.py --size small             # d_model 64, 2 layers
+    python benchmarks/serve_load.py --export runs/digits-quick/export --requests 300
+
+One local Ray, one replica (1 CPU, 1 torch thread, access log off), loopback only. For each concurrency, a pool
+of client threads sends half-image completions (top half given, 16 decoding steps) until
+--requests are answered or --seconds pass. The in-process rows run the same requests through
+biglearn.serving directly, `concurrency` of them per model call (perfect batching, no HTTP).
+"""
+
+import argparse
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from biglearn.export import write_export  # noqa: E402
+from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer  # noqa: E402
+from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, complete_tasks, parse_request  # noqa: E402
+from serve.app import app_from_config  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+
+
+def body(seed: int) -> dict:
+    return {"values": {str(i): (i * 7) % 17 for i in range(32)}, "target": "rest", "seed": seed}
+
+
+SIZES = {"quick": (128, 4, 4), "small": (64, 2, 4), "tiny": (32, 1, 2)}  # d_model, layers, heads
+
+
+def random_export(folder: Path, size: str) -> str:
+    """Untrained weights of a digits model (`quick` = the digits-quick recipe's architecture):
+    serving cost does not depend on the weights."""
+    d_model, num_layers, num_heads = SIZES[size]
+    spec = ModelSpec(model=ModelConfig(d_model=d_model, num_layers=num_layers, num_heads=num_heads), length=64, vocab_size=17, grid=(8, 8))
+    manifest = {"name": "digits", "kind": "discrete", "length": 64, "vocab_size": 17, "geometry": {"height": 8, "width": 8}}
+    write_export(folder, UniversalTransformer(spec).state_dict(), spec, manifest, {"benchmark": True})
+    return str(folder)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def load(url: str, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    latencies: list[float] = []
+    failures = []
+    lock = threading.Lock()
+    issued = iter(range(10**9))
+    deadline = time.monotonic() + max_seconds
+
+    def client():
+        with requests.Session() as session:
+            while time.monotonic() < deadline:
+                with lock:
+                    seed = next(issued)
+                if seed >= max_requests:
+                    return
+                started = time.perf_counter()
+                response = session.post(url, json=body(seed), timeout=60)
+                elapsed = time.perf_counter() - started
+                with lock:
+                    (latencies if response.status_code == 200 else failures).append(elapsed)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {"rps": len(latencies) / wall, "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99), "n": len(latencies), "failed": len(failures)}
+
+
+def in_process(export: str, concurrency: int, repeats: int) -> dict:
+    served = ExportedModel(export)
+    cfg = ServingConfig()
+    times = []
+    for r in range(repeats):
+        tasks = [parse_request(CompleteRequest(**body(r * concurrency + i)), served, cfg) for i in range(concurrency)]
+        started = time.perf_counter()
+        complete_tasks(served.model, tasks, served.device)
+        times.append(time.perf_counter() - started)
+    return {"rps": concurrency / percentile(times, 0.5), "p50": percentile(times, 0.5), "p99": percentile(times, 0.99), "n": repeats * concurrency, "failed": 0}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", help="export folder (default: an untrained model of --size)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="quick", help="model size without --export (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=240, help="most requests per cell (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=15, help="most seconds per cell (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    export = args.export or random_export(Path(tempfile.mkdtemp()) / "export", args.size)
+
+    import ray
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/v1/complete"
+    results = {}
+    for batching in (True, False):
+        app, run_kwargs, _ = app_from_config(
+            export=export,
+            overrides=[f"batching.enabled={str(batching).lower()}", "batching.max_batch_rows=32", "torch_threads=1"],
+            deployment={"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": -1, "ray_actor_options": {"num_cpus": 1}, "logging_config": {"enable_access_log": False}},
+        )
+        serve.run(app, **run_kwargs)
+        load(url, 4, 16, 30)  # warm-up: first calls pay for lazy initialisation
+        for c in CONCURRENCY:
+            results[("on" if batching else "off", c)] = load(url, c, args.requests, args.seconds)
+        serve.delete(run_kwargs["name"])
+    serve.shutdown()
+    ray.shutdown()
+    for c in CONCURRENCY:
+        results[("model", c)] = in_process(export, c, repeats=max(3, 48 // c))
+
+    print("\nconcurrency | batching on: req/s  p50 ms  p99 ms | batching off: req/s  p50 ms  p99 ms | in-process call: req/s  ms/call | on/off")
+    for c in CONCURRENCY:
+        on, off, model = results[("on", c)], results[("off", c)], results[("model", c)]
+        print(
+            f"{c:>11} | {on['rps']:>17.1f} {on['p50'] * 1e3:>7.1f} {on['p99'] * 1e3:>7.1f} | {off['rps']:>18.1f} {off['p50'] * 1e3:>7.1f} "
+            f"{off['p99'] * 1e3:>7.1f} | {model['rps']:>21.1f} {model['p50'] * 1e3:>8.1f} | {on['rps'] / off['rps']:>5.2f}x"
+        )
+    failed = sum(r["failed"] for r in results.values())
+    overhead = results[("on", 1)]["p50"] - results[("model", 1)]["p50"]
+    print(f"Serve overhead at concurrency 1 (p50, batching on, minus the in-process call): {overhead * 1e3:.1f} ms; failed requests: {failed}")
+    counts = ", ".join(f"{mode}@{c}={r['n']}" for (mode, c), r in results.items() if mode != "model")
+    print(f"requests per cell: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

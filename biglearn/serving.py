@@ -1,0 +1,393 @@
+"""Serving without the server: the request schema, its checks, and one batched model call.
+
+A request names the known values (S), the target set (T, or "rest") and how to decode; it becomes
+one (values_L, roles_L) task repeated `num_samples` times. Tasks from different callers share a
+batch: roles are per row, and every row draws its noise from its own generator (seeded from the
+request's seed), so a request's answer does not depend on who else is in the batch.
+
+Image models (discrete values on a 1-channel pixel grid, patch 1) also take and return PNGs:
+value v is the grey level round(255 * v / (V - 1)), read back with the inverse rounding.
+
+Legend: B = rows in a batch, L = positions, H/W = image height/width.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, StrictInt, model_validator
+
+from biglearn.config import Config
+from biglearn.export import load_export
+from biglearn.generation import Order, complete
+from biglearn.model import ModelSpec
+from biglearn.roles import ABSENT, SOURCE, TARGET
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class LimitsConfig(Config):
+    max_body_bytes: PositiveInt = 1_000_000
+    max_num_samples: PositiveInt = 16
+    max_steps: PositiveInt = 256
+    max_length: PositiveInt = 16_384  # refuse to load a model whose sequences are longer
+    max_tokens_per_request: PositiveInt = 65_536  # num_samples * L: bounds one request's work
+
+
+class BatchingConfig(Config):
+    """Rows, not requests: a request of n samples takes n rows of a batch."""
+
+    enabled: bool = True
+    max_batch_rows: PositiveInt = 64
+    batch_wait_timeout_s: NonNegativeFloat = 0.01
+
+
+class DecodingConfig(Config):
+    """What a request gets for the decoding fields it leaves out."""
+
+    steps: PositiveInt = 16
+    order: Order = "confidence"
+    temperature: NonNegativeFloat = 1.0
+    top_k: PositiveInt | None = None
+
+
+class ServingConfig(Config):
+    limits: LimitsConfig = LimitsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    decoding: DecodingConfig = DecodingConfig()
+    torch_threads: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServingConfig":
+        if self.batching.max_batch_rows < self.limits.max_num_samples:
+            raise ValueError(
+                f"batching.max_batch_rows ({self.batching.max_batch_rows}) must be >= limits.max_num_samples "
+                f"({self.limits.max_num_samples}): one request's samples share a batch"
+            )
+        if self.decoding.steps > self.limits.max_steps:
+            raise ValueError(f"decoding.steps ({self.decoding.steps}) exceeds limits.max_steps ({self.limits.max_steps})")
+        return self
+
+
+# --- the model and what it is ----------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    """GET /v1/model."""
+
+    dataset: str
+    kind: Literal["discrete", "continuous"]
+    length: int
+    vocab_size: int | None
+    patch_dim: int | None = None
+    geometry: dict[str, int] | None
+    png: bool = Field(description="whether /v1/complete takes and returns PNG images for this model")
+    panel: dict[str, Any] | None = Field(description="panel scores from training (panel.json), if evaluated")
+    config_sha256: str = Field(description="sha256 of the training config (canonical JSON)")
+    architecture: dict[str, Any]
+
+
+class ExportedModel:
+    """A loaded export: the model in eval mode, its spec and its card."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", max_length: int | None = None):
+        folder = Path(folder)
+        self.model, self.spec = load_export(folder, device)
+        if max_length is not None and self.spec.length > max_length:
+            raise ValueError(f"the export's sequence length {self.spec.length} exceeds limits.max_length ({max_length})")
+        self.device = torch.device(device)
+        manifest = _read_json(folder / "manifest.json")
+        config = _read_json(folder / "config.json")
+        panel_path = folder / "panel.json"
+        geometry = manifest.get("geometry")
+        self.card = ModelCard(
+            dataset=manifest.get("name", "unknown"),
+            kind=manifest.get("kind", "discrete"),
+            length=self.spec.length,
+            vocab_size=self.spec.vocab_size,
+            patch_dim=manifest.get("patch_dim"),
+            geometry=geometry,
+            png=_png_shape(self.spec, geometry) is not None,
+            panel=_read_json(panel_path) if panel_path.is_file() else None,
+            config_sha256=hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+            architecture=self.spec.model.model_dump(),
+        )
+        self.image_shape = _png_shape(self.spec, geometry)
+        self.problem = self._probe()
+
+    @torch.no_grad()
+    def _probe(self) -> str | None:
+        """Why this model cannot serve (non-finite outputs on an all-target row), or None."""
+        values_BL = torch.zeros(1, self.spec.length, dtype=torch.long, device=self.device)
+        roles_BL = torch.full_like(values_BL, TARGET, dtype=torch.int8)
+        if torch.isfinite(self.model(values_BL, roles_BL)).all():
+            return None
+        return "the model's outputs are not finite: the export's weights are broken; serve another export"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _png_shape(spec: ModelSpec, geometry: dict | None) -> tuple[int, int] | None:
+    """(H, W) when positions are the pixels of a 1-channel image in row-major order."""
+    if not geometry or geometry.get("channels", 1) != 1 or geometry.get("patch", 1) != 1:
+        return None
+    height, width = geometry["height"], geometry["width"]
+    return (height, width) if height * width == spec.length and spec.vocab_size <= 256 else None
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer as asked; the message says what to change."""
+
+
+class ImageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    png: str = Field(description="base64 PNG, greyscale, the model's height x width")
+    mask: str | None = Field(
+        None, description="base64 PNG of the same size: white (>= 128) = known pixel; default: all known"
+    )
+
+
+class CompleteRequest(BaseModel):
+    """POST /v1/complete. Known values either as `values` or (image models) as `image`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"values": {"0": 3, "1": 0}, "target": "rest", "num_samples": 2, "seed": 7}]},
+    )
+
+    values: list[StrictInt | None] | dict[int, StrictInt] | None = Field(
+        None, description="known values: a full-length list with null for unknown, or {position: value}"
+    )
+    image: ImageInput | None = None
+    target: Literal["rest"] | list[StrictInt] = Field(
+        "rest", description='positions to generate, or "rest" = every position not known'
+    )
+    num_samples: PositiveInt = 1
+    seed: int = Field(0, ge=0, lt=2**63)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_k: PositiveInt | None = None
+    steps: PositiveInt | None = None
+    order: Order | None = None
+    return_png: bool = False
+
+
+class Sample(BaseModel):
+    values: list[int]
+    png: str | None = None
+
+
+class CompleteResponse(BaseModel):
+    samples: list[Sample]
+    seed: int
+    steps: int
+    temperature: float
+    top_k: int | None
+    order: Order
+
+
+@dataclass(frozen=True)
+class Decoding:
+    steps: int
+    order: Order
+    temperature: float
+    top_k: int | None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One request, checked: its rows are `values_L`/`roles_L` repeated `num_samples` times."""
+
+    values_L: torch.Tensor
+    roles_L: torch.Tensor
+    num_samples: int
+    seed: int
+    decoding: Decoding
+    return_png: bool
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.roles_L == TARGET).sum())
+
+
+def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingConfig) -> Task:
+    """Checks a request against the model and the limits; raises RequestError saying what to fix."""
+    length, vocab = served.spec.length, served.spec.vocab_size
+    limits = cfg.limits
+    if request.num_samples > limits.max_num_samples:
+        raise RequestError(f"num_samples is {request.num_samples}; this server allows at most {limits.max_num_samples}")
+    if request.num_samples * length > limits.max_tokens_per_request:
+        raise RequestError(
+            f"num_samples * length = {request.num_samples * length} exceeds {limits.max_tokens_per_request}; ask for fewer samples"
+        )
+    steps = request.steps or cfg.decoding.steps
+    if steps > limits.max_steps:
+        raise RequestError(f"steps is {steps}; this server allows at most {limits.max_steps}")
+    if request.return_png and served.image_shape is None:
+        raise RequestError("return_png: this model's positions are not the pixels of an image; leave it false")
+
+    values_L, known_L = _known_values(request, served)
+    if ((values_L < 0) | (values_L >= vocab))[known_L].any():
+        bad = int(torch.nonzero(known_L & ((values_L < 0) | (values_L >= vocab)))[0, 0])
+        raise RequestError(f"values[{bad}] = {int(values_L[bad])} is outside the vocabulary 0..{vocab - 1}")
+
+    if request.target == "rest":
+        target_L = ~known_L
+        if not target_L.any():
+            raise RequestError('target is "rest" but every position is known: leave some unknown or list target positions')
+    else:
+        if not request.target:
+            raise RequestError('target is empty: list at least one position, or use "rest"')
+        positions = _positions(request.target, length, "target")
+        if len(set(positions)) != len(positions):
+            raise RequestError("target lists a position more than once")
+        target_L = torch.zeros(length, dtype=torch.bool)
+        target_L[positions] = True
+        overlap = torch.nonzero(target_L & known_L)[:, 0].tolist()
+        if overlap:
+            raise RequestError(f"positions {overlap[:10]} are both known and targets: S and T must be disjoint")
+
+    roles_L = torch.full((length,), ABSENT, dtype=torch.int8)
+    roles_L[known_L] = SOURCE
+    roles_L[target_L] = TARGET
+    decoding = Decoding(
+        steps=steps,
+        order=request.order or cfg.decoding.order,
+        temperature=cfg.decoding.temperature if request.temperature is None else request.temperature,
+        top_k=request.top_k if request.top_k is not None else cfg.decoding.top_k,
+    )
+    return Task(
+        values_L=torch.where(known_L, values_L, 0),
+        roles_L=roles_L,
+        num_samples=request.num_samples,
+        seed=request.seed,
+        decoding=decoding,
+        return_png=request.return_png,
+    )
+
+
+def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    length = served.spec.length
+    if (request.values is None) == (request.image is None):
+        raise RequestError("give the known values either as `values` or as `image`, exactly one of them")
+    if request.image is not None:
+        if served.image_shape is None:
+            raise RequestError("image: this model's positions are not the pixels of an image; send `values`")
+        values_L = decode_png(request.image.png, served.image_shape, served.spec.vocab_size, "image.png")
+        if request.image.mask is None:
+            return values_L, torch.ones(length, dtype=torch.bool)
+        mask_L = decode_png(request.image.mask, served.image_shape, 2, "image.mask")
+        return values_L, mask_L.bool()
+    if isinstance(request.values, list):
+        if len(request.values) != length:
+            raise RequestError(
+                f"values has {len(request.values)} entries; this model takes exactly {length} (null for unknown), "
+                "or send a map {position: value}"
+            )
+        known_L = torch.tensor([v is not None for v in request.values], dtype=torch.bool)
+        values_L = torch.tensor([0 if v is None else v for v in request.values], dtype=torch.long)
+        return values_L, known_L
+    positions = _positions(list(request.values), length, "values")
+    values_L = torch.zeros(length, dtype=torch.long)
+    known_L = torch.zeros(length, dtype=torch.bool)
+    values_L[positions] = torch.tensor(list(request.values.values()), dtype=torch.long)
+    known_L[positions] = True
+    return values_L, known_L
+
+
+def _positions(positions: list[int], length: int, field: str) -> list[int]:
+    outside = [p for p in positions if not 0 <= p < length]
+    if outside:
+        raise RequestError(f"{field}: positions {outside[:10]} are outside 0..{length - 1}")
+    return positions
+
+
+# --- PNG ------------------------------------------------------------------------------------
+
+
+def encode_png(values_L: torch.Tensor, shape: tuple[int, int], vocab_size: int) -> str:
+    """Base64 greyscale PNG of a row-major image of values 0..V-1."""
+    top = max(vocab_size - 1, 1)
+    grey_HW = np.rint(values_L.cpu().numpy().reshape(shape) * (255 / top)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(grey_HW, mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_png(data: str, shape: tuple[int, int], vocab_size: int, field: str) -> torch.Tensor:
+    """The inverse of encode_png (colour images are converted to grey); values_L int64."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.format != "PNG":
+                raise RequestError(f"{field}: expected a PNG, got {image.format}")
+            if image.size != (shape[1], shape[0]):
+                raise RequestError(f"{field}: image is {image.size[0]}x{image.size[1]} (WxH); this model takes {shape[1]}x{shape[0]}")
+            grey_HW = np.asarray(image.convert("L"), dtype=np.float64)
+    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
+        raise RequestError(f"{field}: not a base64-encoded PNG ({exc})") from None
+    top = max(vocab_size - 1, 1)
+    return torch.from_numpy(np.rint(grey_HW * (top / 255)).astype(np.int64).reshape(-1))
+
+
+# --- the batched call -------------------------------------------------------------------------
+
+
+def sample_generators(seed: int, num_samples: int) -> list[torch.Generator]:
+    """One generator per sample, all derived from the request's seed (sample i never equals
+    sample 0 of the request with seed + i)."""
+    seeds = torch.randint(0, 2**62, (num_samples,), generator=torch.Generator().manual_seed(seed))
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def complete_tasks(model: torch.nn.Module, tasks: list[Task], device: torch.device) -> list[torch.Tensor]:
+    """Runs tasks from any callers together; returns each task's samples, values_NL (int64, CPU).
+
+    Rows with different (S, T) share one model call; tasks with different decoding settings
+    (steps, order, temperature, top-k) need separate calls, one per setting.
+    """
+    results: list[torch.Tensor | None] = [None] * len(tasks)
+    by_decoding: dict[Decoding, list[int]] = {}
+    for index, task in enumerate(tasks):
+        by_decoding.setdefault(task.decoding, []).append(index)
+    for decoding, indices in by_decoding.items():
+        group = [tasks[i] for i in indices]
+        values_BL = torch.cat([t.values_L.expand(t.num_samples, -1) for t in group]).to(device)
+        roles_BL = torch.cat([t.roles_L.expand(t.num_samples, -1) for t in group]).to(device)
+        generators = [g for t in group for g in sample_generators(t.seed, t.num_samples)]
+        out_BL = complete(
+            model, values_BL, roles_BL, generators, decoding.steps, decoding.order, decoding.temperature, decoding.top_k
+        ).cpu()
+        for index, rows in zip(indices, out_BL.split([t.num_samples for t in group])):
+            results[index] = rows
+    return results
+
+
+def respond(task: Task, samples_NL: torch.Tensor, served: ExportedModel) -> CompleteResponse:
+    samples = [
+        Sample(
+            values=row.tolist(),
+            png=encode_png(row, served.image_shape, served.spec.vocab_size) if task.return_png else None,
+        )
+        for row in samples_NL
+    ]
+    d = task.decoding
+    return CompleteResponse(samples=samples, seed=task.seed, steps=d.steps, temperature=d.temperature, top_k=d.top_k, order=d.order)

@@ -1,0 +1,392 @@
+"""The Serve endpoint on a local Ray cluster, over real HTTP, serving a freshly trained export:
+completions, batching across callers, the model card and health, bad input, overload, the
+Prometheus metrics, and a replica killed under load."""
+
+import hashlib
+import json
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from biglearn.config import load_config
+from biglearn.data.digits import ensure_digits
+from biglearn.export import write_export
+from biglearn.serving import decode_png
+from biglearn.train.config import PretrainConfig
+from biglearn.train.run import pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from serve.app import app_from_config  # noqa: E402
+
+pytestmark = pytest.mark.ray
+torch.set_num_threads(1)
+
+L, V = 64, 17
+MAX_ONGOING = 8  # per replica: also the batch size in rows
+SETTINGS = [
+    "limits.max_num_samples=4",
+    "limits.max_body_bytes=20000",
+    "limits.max_steps=32",
+    f"batching.max_batch_rows={MAX_ONGOING}",
+    "batching.batch_wait_timeout_s=0.05",
+    "decoding.steps=4",
+    "torch_threads=1",
+]
+DEPLOYMENT = {
+    "num_replicas": 2,
+    "max_ongoing_requests": MAX_ONGOING,
+    "max_queued_requests": 32,  # requests waiting for assignment count too: slack for a busy machine
+    "health_check_period_s": 1,
+    "health_check_timeout_s": 5,
+    "ray_actor_options": {"num_cpus": 0.5},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    import ray
+
+    data = str(tmp_path_factory.mktemp("data") / "digits")
+    ensure_digits(data)
+    overrides = [
+        f"data.path={data}",
+        f"run.storage={tmp_path_factory.mktemp('runs')}",
+        "run.name=serve-tiny",
+        "model.d_model=32",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "optim.batch_size=32",
+        "optim.warmup_steps=2",
+        "train.steps=10",
+        "train.log_every=5",
+        "train.checkpoint_every=10",
+        "cluster.num_workers=1",
+        "cluster.torch_threads=1",
+        "eval.panel_examples=16",
+        "eval.panel_steps=2",
+        "eval.decode_steps=2",
+        "eval.num_joint=4",
+        "eval.num_shown=4",
+    ]
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _metrics_export_port=free_port(),
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    outcome = pretrain(load_config(PretrainConfig, None, overrides))
+    yield Path(outcome.export)
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(export):
+    import ray
+    from ray import serve
+
+    app, run_kwargs, http_options = app_from_config(export=str(export), overrides=SETTINGS, deployment=DEPLOYMENT)
+    assert http_options["host"] == "127.0.0.1", "the shipped config must listen on loopback only"
+    port = free_port()
+    serve.start(http_options={**http_options, "port": port})
+    serve.run(app, **run_kwargs)
+    metrics_port = ray._private.worker.global_worker.node.metrics_export_port
+    yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    serve.shutdown()
+
+
+# What the main app's replicas answered on /v1/complete, by status, as the clients saw it (the
+# proxy's own 503s for backpressure never reach a replica).
+ANSWERED: Counter = Counter()
+_answered_lock = threading.Lock()
+
+
+def post(base: str, body, timeout: float = 60) -> requests.Response:
+    if isinstance(body, (str, bytes)):
+        response = requests.post(f"{base}/v1/complete", data=body, headers={"content-type": "application/json"}, timeout=timeout)
+    else:
+        response = requests.post(f"{base}/v1/complete", json=body, timeout=timeout)
+    if "/broken" not in base and response.status_code != 503:
+        with _answered_lock:
+            ANSWERED[str(response.status_code)] += 1
+    return response
+
+
+def scrape(url: str) -> list:
+    return list(text_string_to_metric_families(requests.get(url, timeout=10).text))
+
+
+def metric(families, sample_name: str, **labels) -> float:
+    """Sum over the main app's replicas (and any labels not given) of one sample name."""
+    labels.setdefault("application", "biglearn")
+    return sum(
+        s.value
+        for family in families
+        for s in family.samples
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def settled(url: str) -> list:
+    """A scrape that holds every request answered so far. Ray's agent exports each process's
+    metrics as periodic snapshots, so the values recorded before a response are there too."""
+
+    def caught_up():
+        families = scrape(url)
+        counted = {s: metric(families, "ray_biglearn_requests_total", route="/v1/complete", status=s) for s in ANSWERED}
+        return counted == dict(ANSWERED) and families
+
+    return wait_for(caught_up, 30, f"the metrics to count {dict(ANSWERED)}")
+
+
+# --- completions --------------------------------------------------------------------------------
+
+
+def test_completions_keep_given_values_fill_targets_and_repeat_by_seed(server):
+    base, _ = server
+    known = {i: (3 * i) % V for i in range(32)}  # the top half of the digit
+    body = {"values": {str(k): v for k, v in known.items()}, "target": "rest", "num_samples": 3, "seed": 11}
+    first = post(base, body)
+    assert first.status_code == 200, first.text
+    samples = [s["values"] for s in first.json()["samples"]]
+    assert len(samples) == 3 and all(len(s) == L for s in samples)
+    for sample in samples:
+        assert all(sample[k] == v for k, v in known.items())
+        assert all(0 <= v < V for v in sample)
+    assert len({tuple(s[32:]) for s in samples}) > 1, "three samples of the same request should differ"
+
+    assert post(base, body).json() == first.json(), "same seed, same answer"
+    assert post(base, {**body, "seed": 12}).json()["samples"] != first.json()["samples"]
+    # the list form with nulls is the same request
+    listed = [known.get(i) for i in range(L)]
+    assert post(base, {**body, "values": listed}).json() == first.json()
+
+    # explicit targets: only they are filled; positions in neither S nor T come back as 0
+    partial = post(base, {"values": {"0": 5}, "target": [10, 20, 30], "seed": 3, "return_png": True}).json()
+    values = partial["samples"][0]["values"]
+    assert values[0] == 5 and all(values[i] == 0 for i in range(L) if i not in (0, 10, 20, 30))
+    png_values = decode_png(partial["samples"][0]["png"], (8, 8), V, "png")
+    assert png_values.tolist() == values
+
+
+def test_concurrent_requests_with_different_tasks_are_batched_without_changing_answers(server):
+    base, metrics_url = server
+    bodies = [
+        {"values": {str(i): (i + n) % V for i in range(n, n + 8)}, "target": "rest" if n % 2 else list(range(40, 40 + n + 1)), "seed": n, "num_samples": 1 + n % 2}
+        for n in range(12)
+    ]
+    alone = [post(base, b).json() for b in bodies]
+    before = settled(metrics_url)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: post(base, b), bodies))
+    assert [r.status_code for r in together] == [200] * len(bodies)
+    assert [r.json() for r in together] == alone, "a request's answer must not depend on its batch"
+
+    rows = sum(b["num_samples"] for b in bodies)
+    tokens = sum(b["num_samples"] * (L - 8 if b["target"] == "rest" else len(b["target"])) for b in bodies)
+
+    after = settled(metrics_url)
+    delta = lambda name, **kw: metric(after, name, **kw) - metric(before, name, **kw)  # noqa: E731
+    assert delta("ray_biglearn_requests_total", route="/v1/complete", status="200") == len(bodies)
+    assert delta("ray_biglearn_samples_generated_total") == rows
+    assert delta("ray_biglearn_tokens_generated_total") == tokens
+    assert delta("ray_biglearn_request_latency_ms_count", route="/v1/complete") == len(bodies)
+    calls = delta("ray_biglearn_batch_requests_count")
+    single = delta("ray_biglearn_batch_requests_bucket", le="1.0")
+    print(f"\n[serve] {len(bodies)} concurrent requests ({rows} rows) ran in {calls:.0f} model calls")
+    assert calls < len(bodies) and single < calls, "concurrent requests should share model calls"
+    assert delta("ray_biglearn_batch_rows_count") == calls
+    assert metric(after, "ray_biglearn_model_load_seconds") > 0
+
+
+# --- what it is, and whether it is well --------------------------------------------------------------
+
+
+def test_model_card_health_and_docs(server, export):
+    base, _ = server
+    card = requests.get(f"{base}/v1/model", timeout=10).json()
+    assert (card["dataset"], card["kind"], card["length"], card["vocab_size"]) == ("digits", "discrete", L, V)
+    assert card["geometry"]["height"] == 8 and card["png"] is True
+    assert card["panel"] == json.loads((export / "panel.json").read_text())
+    config = json.loads((export / "config.json").read_text())
+    assert card["config_sha256"] == hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    assert requests.get(f"{base}/v1/health", timeout=10).json()["status"] == "ok"
+    assert requests.get(f"{base}/-/healthz", timeout=10).status_code == 200
+    assert "/v1/complete" in requests.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+    assert requests.get(f"{base}/docs", timeout=10).status_code == 200
+
+
+def test_health_fails_for_an_export_that_cannot_serve(server, export, tmp_path):
+    """An export whose weights compute NaN loads, but must not be reported healthy or used."""
+    from ray import serve
+    from safetensors.torch import load_file
+
+    from biglearn.model import ModelSpec
+
+    base, _ = server
+    state = {k: torch.full_like(v, float("nan")) for k, v in load_file(export / "model.safetensors").items()}
+    spec = ModelSpec.model_validate_json((export / "model.json").read_text())
+    write_export(tmp_path, state, spec, json.loads((export / "manifest.json").read_text()), {})
+    app, _, _ = app_from_config(export=str(tmp_path), overrides=SETTINGS, deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    serve.run(app, name="broken", route_prefix="/broken")
+    try:
+        health = requests.get(f"{base}/broken/v1/health", timeout=10)
+        assert health.status_code == 503 and "not finite" in health.json()["detail"]
+        assert post(f"{base}/broken", {"values": {"0": 1}}).status_code == 503
+    finally:
+        serve.delete("broken")
+    assert requests.get(f"{base}/v1/health", timeout=10).status_code == 200
+
+
+# --- bad input and overload ------------------------------------------------------------------------
+
+BAD = [
+    ("malformed JSON", '{"values": {"0": 1}', 400, "not valid JSON", "malformed_json"),
+    ("wrong length", {"values": [1, 2, 3]}, 422, f"this model takes exactly {L}", "invalid_request"),
+    ("outside the vocabulary", {"values": {"0": V}}, 422, "outside the vocabulary", "invalid_request"),
+    ("non-finite number", '{"values": {"0": 1}, "temperature": NaN}', 422, "temperature: Input should be a finite number", "invalid_schema"),
+    ("empty target", {"values": {"0": 1}, "target": []}, 422, "target is empty", "invalid_request"),
+    ("no target left", {"values": [1] * L}, 422, "every position is known", "invalid_request"),
+    ("overlapping S and T", {"values": {"0": 1}, "target": [0, 1]}, 422, "both known and targets", "invalid_request"),
+    ("unknown field", {"values": {"0": 1}, "colour": "red"}, 422, "unknown field 'colour'", "invalid_schema"),
+    ("too many samples", {"values": {"0": 1}, "num_samples": 5}, 422, "at most 4", "invalid_request"),
+    ("too many steps", {"values": {"0": 1}, "steps": 33}, 422, "at most 32", "invalid_request"),
+    ("body too large", {"values": {"0": 1}, "pad": "x" * 30000}, 413, "the limit is 20000", "body_too_large"),
+]
+
+
+def test_each_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(server):
+    base, metrics_url = server
+    before = settled(metrics_url)
+    good = {"values": {"0": 1}, "seed": 1}
+    expected = post(base, good).json()
+    for name, body, status, message, _ in BAD:
+        response = post(base, body)
+        assert response.status_code == status, (name, response.text)
+        assert message in response.json()["detail"], (name, response.text)
+        assert post(base, good).json() == expected, f"after {name}"
+
+    reasons = {}
+    for *_, reason in BAD:
+        reasons[reason] = reasons.get(reason, 0) + 1
+
+    after = settled(metrics_url)
+    rejected = {
+        r: metric(after, "ray_biglearn_rejected_requests_total", reason=r) - metric(before, "ray_biglearn_rejected_requests_total", reason=r)
+        for r in reasons
+    }
+    assert rejected == reasons
+    for status in ("400", "413", "422"):
+        expected_count = sum(1 for b in BAD if str(b[2]) == status)
+        got = metric(after, "ray_biglearn_requests_total", route="/v1/complete", status=status) - metric(
+            before, "ray_biglearn_requests_total", route="/v1/complete", status=status
+        )
+        assert got == expected_count, (status, got)
+
+
+def test_overload_is_refused_at_once_and_the_server_recovers(server):
+    base, _ = server
+    slow = {"values": {"0": 1}, "target": "rest", "steps": 32, "num_samples": 4}
+    capacity = DEPLOYMENT["num_replicas"] * MAX_ONGOING + DEPLOYMENT["max_queued_requests"]
+    burst = 128
+    with ThreadPoolExecutor(burst) as pool:
+        statuses = list(pool.map(lambda seed: post(base, {**slow, "seed": seed}).status_code, range(burst)))
+    print(f"\n[serve] {burst} concurrent slow requests: {statuses.count(200)} answered, {statuses.count(503)} refused with 503")
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(503) > 0 and statuses.count(200) <= burst - 1, f"a burst of {burst} over capacity {capacity}"
+    assert statuses.count(200) >= MAX_ONGOING
+    assert post(base, {"values": {"0": 1}}).status_code == 200
+
+
+# --- a replica killed under load (last: it changes the replica set) -------------------------------------
+
+
+def completer_replicas() -> set[str]:
+    import ray
+
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::biglearn#Completer")
+    }
+
+
+def test_a_replica_killed_under_load_is_replaced_and_no_request_hangs(server):
+    import ray
+    from ray import serve
+
+    base, _ = server
+    timeout_s = 30
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def client(worker: int):
+        seed = worker * 100_000
+        while not stop.is_set():
+            seed += 1
+            started = time.monotonic()
+            try:
+                status = post(base, {"values": {"0": 1}, "seed": seed}, timeout=timeout_s).status_code
+                outcomes.append("ok" if status == 200 else f"http {status}")
+            except requests.Timeout:
+                outcomes.append("hung")
+            except requests.RequestException as exc:
+                outcomes.append(f"error {type(exc).__name__}")
+            assert time.monotonic() - started < timeout_s + 5
+
+    replicas = completer_replicas()
+    assert len(replicas) == 2
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(client, w) for w in range(4)]
+        wait_for(lambda: len(outcomes) >= 20, 60, "steady load")
+        victim = sorted(replicas)[0]
+        killed_at = len(outcomes)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+        def replaced():
+            now = completer_replicas()
+            status = serve.status().applications["biglearn"].deployments["Completer"]
+            return victim not in now and len(now) == 2 and status.replica_states.get("RUNNING") == 2
+
+        started = time.monotonic()
+        wait_for(replaced, 90, "a new healthy replica")
+        recovery_s = time.monotonic() - started
+        time.sleep(1)  # some load on the new replica set
+        stop.set()
+        for c in clients:
+            c.result(timeout=timeout_s + 10)  # every client thread finished: nothing hung
+
+    during = outcomes[killed_at:]
+    failed = [o for o in during if o != "ok"]
+    print(
+        f"\n[serve] replica killed under load: {len(during)} requests during replacement "
+        f"({recovery_s:.1f} s), {len(failed)} failed {sorted(set(failed))}, {outcomes.count('hung')} hung"
+    )
+    assert "hung" not in outcomes
+    assert len(failed) <= MAX_ONGOING, "only requests in flight on the killed replica may fail"
+    assert post(base, {"values": {"0": 1}}).status_code == 200

@@ -1,0 +1,281 @@
+"""Serving without the server: request checks, batching independence, PNGs, the export card."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from biglearn.config import ConfigError, validate_config
+from biglearn.export import write_export
+from biglearn.generation import complete
+from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
+from biglearn.roles import ABSENT, SOURCE, TARGET
+from biglearn.serving import (
+    CompleteRequest,
+    ExportedModel,
+    RequestError,
+    ServingConfig,
+    complete_tasks,
+    decode_png,
+    encode_png,
+    parse_request,
+    respond,
+)
+
+H, W, V = 4, 4, 5
+L = H * W
+CFG = ServingConfig(limits={"max_num_samples": 8, "max_steps": 8}, decoding={"steps": 4})
+
+
+@pytest.fixture(scope="module")
+def export_folder(tmp_path_factory):
+    spec = ModelSpec(model=ModelConfig(d_model=32, num_layers=2, num_heads=4), length=L, vocab_size=V, grid=(H, W))
+    model = UniversalTransformer(spec)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a larger spread than the init, so that the context matters
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    folder = tmp_path_factory.mktemp("export")
+    manifest = {"name": "toy", "kind": "discrete", "length": L, "vocab_size": V, "geometry": {"height": H, "width": W}}
+    write_export(folder, model.state_dict(), spec, manifest, {"run": {"name": "toy"}, "seed": 1})
+    (folder / "panel.json").write_text(json.dumps({"panel_nll": {"joint": 1.5}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(export_folder) -> ExportedModel:
+    return ExportedModel(export_folder)
+
+
+def task(served, **fields):
+    return parse_request(CompleteRequest(**fields), served, CFG)
+
+
+def png(array_HW: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array_HW.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# --- the card -----------------------------------------------------------------------------------
+
+
+def test_card_describes_the_export(served, tmp_path):
+    card = served.card
+    assert (card.dataset, card.kind, card.length, card.vocab_size, card.png) == ("toy", "discrete", L, V, True)
+    assert card.geometry == {"height": H, "width": W} and card.panel == {"panel_nll": {"joint": 1.5}}
+    assert served.problem is None
+    # the hash is of the content, not of the file's formatting
+    other = tmp_path / "other"
+    write_export(other, served.model.state_dict(), served.spec, {"name": "toy", "kind": "discrete"}, {"seed": 1, "run": {"name": "toy"}})
+    assert ExportedModel(other).card.config_sha256 == card.config_sha256
+    write_export(other, served.model.state_dict(), served.spec, {"name": "toy", "kind": "discrete"}, {"seed": 2})
+    assert ExportedModel(other).card.config_sha256 != card.config_sha256
+    assert ExportedModel(other).card.png is False  # no geometry: no PNG mapping
+
+
+def test_export_with_broken_weights_is_flagged(served, tmp_path):
+    state = {k: torch.full_like(v, float("nan")) for k, v in served.model.state_dict().items()}
+    write_export(tmp_path, state, served.spec, {"name": "toy", "kind": "discrete"}, {})
+    assert "not finite" in ExportedModel(tmp_path).problem
+
+
+def test_overlong_model_is_refused(export_folder):
+    assert ExportedModel(export_folder, max_length=L).spec.length == L
+    with pytest.raises(ValueError, match="max_length"):
+        ExportedModel(export_folder, max_length=L - 1)
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+def test_list_and_map_forms_give_the_same_task(served):
+    listed = task(served, values=[3, None, 4] + [None] * (L - 3), target=[1, 5])
+    mapped = task(served, values={0: 3, 2: 4}, target=[1, 5])
+    assert torch.equal(listed.roles_L, mapped.roles_L) and torch.equal(listed.values_L, mapped.values_L)
+    roles = listed.roles_L.tolist()
+    assert roles[0] == roles[2] == SOURCE and roles[1] == roles[5] == TARGET
+    assert roles.count(ABSENT) == L - 4
+    rest = task(served, values={0: 3}, target="rest")
+    assert (rest.roles_L == TARGET).sum() == L - 1 and rest.num_targets == L - 1
+
+
+def test_json_keys_of_the_map_are_positions(served):
+    request = CompleteRequest.model_validate_json('{"values": {"0": 1, "7": 2}}')
+    assert (parse_request(request, served, CFG).roles_L == SOURCE).nonzero()[:, 0].tolist() == [0, 7]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"values": [1, 2]}, f"values has 2 entries; this model takes exactly {L}"),
+        ({"values": {0: V}}, f"values[0] = {V} is outside the vocabulary 0..{V - 1}"),
+        ({"values": {3: -1}}, "values[3] = -1 is outside the vocabulary"),
+        ({"values": {L: 1}}, f"positions [{L}] are outside 0..{L - 1}"),
+        ({"values": {0: 1}, "target": [0, 1]}, "positions [0] are both known and targets"),
+        ({"values": {0: 1}, "target": []}, "target is empty"),
+        ({"values": {0: 1}, "target": [1, 1]}, "more than once"),
+        ({"values": {0: 1}, "target": [L + 3]}, "target: positions"),
+        ({"values": list(range(V)) * 3 + [0]}, '"rest" but every position is known'),
+        ({"values": {0: 1}, "num_samples": 9}, "at most 8"),
+        ({"values": {0: 1}, "steps": 9}, "at most 8"),
+        ({}, "exactly one of them"),
+        ({"values": {0: 1}, "image": {"png": "x"}}, "exactly one of them"),
+        ({"image": {"png": "not base64!"}}, "image.png: not a base64-encoded PNG"),
+    ],
+)
+def test_bad_requests_say_what_to_fix(served, fields, message):
+    with pytest.raises(RequestError) as err:
+        task(served, **fields)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"values": {"0": 1}, "colour": "red"}',  # unknown field
+        '{"values": {"0": 1}, "temperature": NaN}',  # non-finite number
+        '{"values": {"0": 1}, "temperature": Infinity}',
+        '{"values": [1.5]}',  # not an integer
+        '{"values": {"0": true}}',
+        '{"values": {"0": 1}, "num_samples": 0}',
+        '{"values": {"0": 1}, "order": "sideways"}',
+    ],
+)
+def test_schema_refuses_malformed_fields(body):
+    with pytest.raises(ValidationError):
+        CompleteRequest.model_validate_json(body)
+
+
+def test_decoding_defaults_come_from_config(served):
+    t = task(served, values={0: 1})
+    assert (t.decoding.steps, t.decoding.order, t.decoding.temperature, t.decoding.top_k) == (4, "confidence", 1.0, None)
+    t = task(served, values={0: 1}, steps=2, order="random", temperature=0.5, top_k=3)
+    assert (t.decoding.steps, t.decoding.order, t.decoding.temperature, t.decoding.top_k) == (2, "random", 0.5, 3)
+
+
+def test_serving_config_rejects_unknown_keys_and_unbatchable_limits():
+    with pytest.raises(ConfigError, match="unknown key 'batching.max_rows'"):
+        validate_config(ServingConfig, {"batching": {"max_rows": 4}})
+    with pytest.raises(ConfigError, match="max_batch_rows"):
+        validate_config(ServingConfig, {"batching": {"max_batch_rows": 4}, "limits": {"max_num_samples": 8}})
+
+
+# --- PNG ----------------------------------------------------------------------------------------
+
+
+def test_png_round_trip_and_image_request(served):
+    values_L = torch.arange(L) % V
+    assert torch.equal(decode_png(encode_png(values_L, (H, W), V), (H, W), V, "x"), values_L)
+    mask_HW = np.zeros((H, W))
+    mask_HW[: H // 2] = 255  # top half known
+    t = task(served, image={"png": encode_png(values_L, (H, W), V), "mask": png(mask_HW)}, return_png=True)
+    half = L // 2
+    assert (t.roles_L[:half] == SOURCE).all() and (t.roles_L[half:] == TARGET).all()
+    assert torch.equal(t.values_L[:half], values_L[:half])
+    with pytest.raises(RequestError, match="this model takes 4x4"):
+        task(served, image={"png": png(np.zeros((3, 4)))})
+    samples = complete_tasks(served.model, [t], served.device)[0]
+    reply = respond(t, samples, served)
+    assert torch.equal(decode_png(reply.samples[0].png, (H, W), V, "x"), samples[0])
+
+
+# --- the batched call ---------------------------------------------------------------------------
+
+
+def mixed_tasks(served):
+    """Different (S, T), sample counts and seeds; one with absent positions, one with none."""
+    return [
+        task(served, values={0: 1, 3: 2}, target=[4, 5, 6], num_samples=3, seed=5),
+        task(served, values={i: i % V for i in range(8)}, target="rest", num_samples=2, seed=6),
+        task(served, values={15: 4}, target=list(range(0, L, 2)), seed=7),
+        task(served, values={0: 1, 3: 2}, target=[4, 5, 6], num_samples=3, seed=8),
+    ]
+
+
+def test_completions_keep_sources_fill_targets_and_leave_absent_alone(served):
+    tasks = mixed_tasks(served)
+    for t, samples in zip(tasks, complete_tasks(served.model, tasks, served.device)):
+        assert samples.shape == (t.num_samples, L)
+        source, target = t.roles_L == SOURCE, t.roles_L == TARGET
+        assert torch.equal(samples[:, source], t.values_L[source].expand(t.num_samples, -1))
+        assert ((samples[:, target] >= 0) & (samples[:, target] < V)).all()
+        assert (samples[:, ~(source | target)] == 0).all()
+
+
+def test_a_requests_samples_do_not_depend_on_its_batch(served):
+    tasks = mixed_tasks(served)
+    together = complete_tasks(served.model, tasks, served.device)
+    for t, batched in zip(tasks, together):
+        alone = complete_tasks(served.model, [t], served.device)[0]
+        assert torch.equal(alone, batched)
+    # same request and seed, same answer; a different seed (same task) answers differently
+    assert not torch.equal(together[0], together[3])
+    assert len({tuple(row.tolist()) for row in together[0]}) > 1, "samples of one request should differ"
+
+
+def test_tasks_with_different_decoding_are_run_apart_but_answered_in_order(served):
+    a = task(served, values={0: 1}, steps=2, seed=1)
+    b = task(served, values={0: 1}, steps=4, seed=1)
+    c = task(served, values={0: 1}, temperature=0, seed=2)
+    out = complete_tasks(served.model, [a, b, c], served.device)
+    for t, samples in zip([a, b, c], out):
+        assert torch.equal(samples, complete_tasks(served.model, [t], served.device)[0])
+
+
+# --- the pieces it rests on ------------------------------------------------------------------------
+
+
+def test_per_row_generators_make_rows_independent_of_each_other(served):
+    g = torch.Generator().manual_seed(3)
+    values_BL = torch.randint(0, V, (6, L), generator=g)
+    roles_BL = torch.randint(0, 3, (6, L), generator=g).to(torch.int8)
+    roles_BL[:, 0] = TARGET
+    roles_BL[2] = torch.where(torch.arange(L) < 3, SOURCE, TARGET)  # a row with nothing absent
+    for order in ("random", "confidence"):
+        gens = lambda: [torch.Generator().manual_seed(40 + b) for b in range(6)]  # noqa: E731
+        batch = complete(served.model, values_BL, roles_BL, gens(), steps=3, order=order)
+        for b in range(6):
+            alone = complete(served.model, values_BL[b : b + 1], roles_BL[b : b + 1], gens()[b : b + 1], steps=3, order=order)
+            assert torch.equal(alone[0], batch[b])
+        # and the noise matters: other seeds give other samples
+        assert not torch.equal(batch, complete(served.model, values_BL, roles_BL, gens()[::-1], steps=3, order=order))
+    with pytest.raises(ValueError, match="2 generators for 6 rows"):
+        complete(served.model, values_BL, roles_BL, gens()[:2])
+
+
+def test_packing_absent_positions_keeps_a_rows_logits_whatever_the_other_rows(served):
+    """drop_absent packs each row to the batch's longest kept row; padding must not leak."""
+    g = torch.Generator().manual_seed(4)
+    values_BL = torch.randint(0, V, (5, L), generator=g)
+    roles_BL = torch.full((5, L), TARGET, dtype=torch.int8)
+    roles_BL[1, :10] = ABSENT  # 6 kept
+    roles_BL[2, ::2] = ABSENT  # 8 kept
+    roles_BL[3, 3:] = SOURCE
+    roles_BL[4, 12:] = ABSENT  # 12 kept
+    with torch.no_grad():
+        for rows in ([1, 2], [1, 4], [0, 1, 2, 3, 4], [2, 4]):
+            batch = served.model(values_BL[rows], roles_BL[rows])
+            for i, b in enumerate(rows):
+                alone = served.model(values_BL[b : b + 1], roles_BL[b : b + 1])[0]
+                kept = roles_BL[b] != ABSENT
+                assert torch.allclose(alone[kept], batch[i][kept], atol=1e-5), (rows, b)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    from biglearn.generation import _sample
+
+    logits_NV = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(20000, -1)
+    uniform_N = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    sampled_N, _ = _sample(logits_NV, None, 1.0, None, uniform_N)
+    freq = torch.bincount(sampled_N, minlength=4).float() / 20000
+    assert torch.allclose(freq, logits_NV[0].softmax(-1), atol=0.01)
+    sampled_N, _ = _sample(logits_NV, None, 1.0, 2, torch.full((20000,), 0.999999999))
+    assert set(sampled_N.tolist()) <= {1, 2}, "top-k: never a value outside the top k"
