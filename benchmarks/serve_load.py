@@ -4,21 +4,20 @@
     python benchmarks/serve_load.py --size small             # d_model 64, 2 layers
     python benchmarks/serve_load.py --export runs/digits-quick/export --requests 300
 
-One local Ray, one replica (1 CPU, 1 torch thread, access log off), loopback only. For each concurrency, a pool
-of client threads sends half-image completions (top half given, 16 decoding steps) until
+One local Ray, one replica (1 CPU, 1 torch thread, access log off), loopback only. For each concurrency, that
+many asyncio clients send half-image completions (top half given, 16 decoding steps) until
 --requests are answered or --seconds pass. The in-process rows run the same requests through
 biglearn.serving directly, `concurrency` of them per model call (perfect batching, no HTTP).
 """
 
 import argparse
+import asyncio
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import requests
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,32 +54,33 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load(url: str, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    """`concurrency` clients on one asyncio loop (a light client: threads would take CPU from the
+    server on a small machine), each sending its next request when the last is answered."""
+    return asyncio.run(_load(url, concurrency, max_requests, max_seconds))
+
+
+async def _load(url: str, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    import aiohttp
+
     latencies: list[float] = []
-    failures = []
-    lock = threading.Lock()
-    issued = iter(range(10**9))
+    failures: list[float] = []
+    issued = iter(range(max_requests))
     deadline = time.monotonic() + max_seconds
 
-    def client():
-        with requests.Session() as session:
-            while time.monotonic() < deadline:
-                with lock:
-                    seed = next(issued)
-                if seed >= max_requests:
-                    return
-                started = time.perf_counter()
-                response = session.post(url, json=body(seed), timeout=60)
-                elapsed = time.perf_counter() - started
-                with lock:
-                    (latencies if response.status_code == 200 else failures).append(elapsed)
+    async def client(session):
+        for seed in issued:
+            if time.monotonic() > deadline:
+                return
+            started = time.perf_counter()
+            async with session.post(url, json=body(seed)) as response:
+                await response.read()
+            (latencies if response.status == 200 else failures).append(time.perf_counter() - started)
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
     return {"rps": len(latencies) / wall, "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99), "n": len(latencies), "failed": len(failures)}
 
 

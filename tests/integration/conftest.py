@@ -51,7 +51,7 @@ def digits(tmp_path_factory) -> str:
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -80,7 +80,7 @@ def s3_server(tmp_path_factory):
     (inherited by Ray workers started afterwards) at it."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     # The first 3 requests (creating the user, its policy and key) are let through unsigned.
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}

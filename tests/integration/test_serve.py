@@ -4,7 +4,6 @@ Prometheus metrics, and a replica killed under load."""
 
 import hashlib
 import json
-import socket
 import sys
 import threading
 import time
@@ -17,12 +16,10 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from biglearn.config import load_config
-from biglearn.data.digits import ensure_digits
 from biglearn.export import write_export
 from biglearn.serving import decode_png
-from biglearn.train.config import PretrainConfig
 from biglearn.train.run import pretrain
+from conftest import free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -52,12 +49,6 @@ DEPLOYMENT = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.5):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -69,39 +60,18 @@ def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.5):
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
+def export(digits, tmp_path_factory) -> Path:
     import ray
 
-    data = str(tmp_path_factory.mktemp("data") / "digits")
-    ensure_digits(data)
-    overrides = [
-        f"data.path={data}",
-        f"run.storage={tmp_path_factory.mktemp('runs')}",
-        "run.name=serve-tiny",
-        "model.d_model=32",
-        "model.num_layers=1",
-        "model.num_heads=2",
-        "optim.batch_size=32",
-        "optim.warmup_steps=2",
-        "train.steps=10",
-        "train.log_every=5",
-        "train.checkpoint_every=10",
-        "cluster.num_workers=1",
-        "cluster.torch_threads=1",
-        "eval.panel_examples=16",
-        "eval.panel_steps=2",
-        "eval.decode_steps=2",
-        "eval.num_joint=4",
-        "eval.num_shown=4",
-    ]
+    cfg = tiny_config(digits, tmp_path_factory.mktemp("runs"), "serve-tiny", "cluster.num_workers=1",
+                      "train.steps=10", "train.log_every=5", "train.checkpoint_every=10")
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         _metrics_export_port=free_port(),
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
     )
-    outcome = pretrain(load_config(PretrainConfig, None, overrides))
-    yield Path(outcome.export)
+    yield Path(pretrain(cfg).export)
     ray.shutdown()
 
 
