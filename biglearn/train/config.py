@@ -22,6 +22,12 @@ class DataConfig(Config):
     train_split: str = "train"
     validation_split: str = "validation"
     shuffle_buffer: PositiveInt = 2048
+    block_bytes: PositiveInt = 8 * 2**20
+    """Largest Ray Data block read from the shards: a training worker holds about one at a time."""
+    fetch_bytes: PositiveInt = 4 * 2**20
+    """About this much data (4 bytes a value) is taken from Ray Data at a time, in whole
+    micro-batches (at least one), and cut into micro-batches by the loop: Ray Data's cost per
+    batch dominates at micro-batch sizes (16,384 rows of 64 tokens; 85 rows of 64 RGB 8x8 patches)."""
     materialize_max_bytes: NonNegativeInt = 256 * 2**20
     """Training splits up to this size are read once and kept in Ray's object store."""
     verify_max_bytes: NonNegativeInt | None = 2**30

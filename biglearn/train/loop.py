@@ -69,20 +69,17 @@ def train_loop_per_worker(payload: dict) -> None:
     window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
     micro_index = 0
     while state["step"] < cfg.train.steps:
-        batches = shard.iter_torch_batches(
-            batch_size=micro,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer,
-            local_shuffle_seed=cfg.train.seed + state["epoch"],
-            device=device,
+        batches = micro_batches(
+            shard, micro, fetch_rows(manifest, cfg.data.fetch_bytes), cfg.data.shuffle_buffer,
+            cfg.train.seed + state["epoch"], device,
         )
-        for index, batch in enumerate(batches):
+        for index, values_BL in enumerate(batches):
             if index < state["batches_in_epoch"]:
                 continue  # resuming mid-epoch: these were consumed before the checkpoint
             state["batches_in_epoch"] = index + 1
             step = state["step"] + 1
             _inject_faults(cfg, rank, step, micro_index % accum == 0)
-            values_BL = batch["values"].long()
+            values_BL = values_BL.long()
             generator = _generator(device, task_seed(cfg.train.seed, step * accum + micro_index % accum, rank, cfg.schedule))
             roles_BL, family_B = sample_roles(cfg.schedule, micro, manifest.length, generator, manifest.grid)
             with autocast(device, cfg.train.precision):
@@ -115,6 +112,27 @@ def train_loop_per_worker(payload: dict) -> None:
         else:
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
+
+
+def fetch_rows(manifest: Manifest, fetch_bytes: int) -> int:
+    return max(1, fetch_bytes // (manifest.length * (manifest.patch_dim or 1) * 4))
+
+
+def micro_batches(shard, micro: int, fetch_rows: int, shuffle_buffer: int | None, seed: int | None, device):
+    """The epoch's `values` as micro-batches of `micro` rows (a trailing partial one is dropped),
+    cut from Ray Data batches of about `fetch_rows` rows: Ray Data pays a fixed cost per batch,
+    which dominates at micro-batch sizes (benchmarks/ingest.py measures it)."""
+    fetch = max(1, fetch_rows // micro) * micro
+    for batch in shard.iter_torch_batches(
+        batch_size=fetch,
+        drop_last=False,
+        local_shuffle_buffer_size=shuffle_buffer,
+        local_shuffle_seed=seed if shuffle_buffer else None,
+        device=device,
+    ):
+        values = batch["values"]
+        for first in range(0, len(values) - micro + 1, micro):
+            yield values[first : first + micro]
 
 
 def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool):

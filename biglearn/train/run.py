@@ -89,7 +89,7 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
     fs.create_dir(run_root, recursive=True)
     write_bytes(join(join(storage, cfg.run.name), "config.json"), json.dumps(cfg.to_json(), indent=2).encode())
 
-    train_data = ray.data.read_parquet(shard_uris(cfg.data.path, manifest, cfg.data.train_split)).select_columns(["values"])
+    train_data = shard_dataset(cfg.data.path, manifest, cfg.data.train_split, cfg.data.block_bytes)
     if sum(shard.bytes for shard in manifest.split(cfg.data.train_split)) <= cfg.data.materialize_max_bytes:
         # Small data: read it once into the object store rather than re-reading files every epoch.
         train_data = train_data.materialize()
@@ -140,6 +140,22 @@ def _precision(use_gpu: bool, precision: str) -> str:
     if use_gpu:
         return "GPU/NCCL/" + ("fp32" if precision == "fp32" else "bf16")
     return "CPU/gloo/" + ("bf16 autocast" if cpu_bf16(precision) else "fp32")
+
+
+def shard_dataset(path: str, manifest: Manifest, split: str, block_bytes: int) -> ray.data.Dataset:
+    """A split's `values` as a Ray Dataset read lazily in blocks of at most `block_bytes`.
+
+    Ray Data otherwise packs small shard files into blocks of up to 128 MiB, and a training worker
+    holds the block it is reading: its memory then grows with the dataset up to that size
+    (benchmarks/ingest.py measured it). A Dataset keeps the DataContext it was created under, so
+    the setting is scoped to this one.
+    """
+    context = ray.data.DataContext.get_current()
+    default, context.target_max_block_size = context.target_max_block_size, block_bytes
+    try:
+        return ray.data.read_parquet(shard_uris(path, manifest, split)).select_columns(["values"])
+    finally:
+        context.target_max_block_size = default
 
 
 def _storage_path(storage: str) -> str:

@@ -13,8 +13,10 @@ import torch
 
 from biglearn.data.digits import ensure_digits
 from biglearn.export import load_export
-from biglearn.train.run import PretrainError, pretrain
-from conftest import tiny_config as tiny
+from biglearn.train.loop import micro_batches
+from biglearn.data.manifest import read_manifest
+from biglearn.train.run import PretrainError, pretrain, shard_dataset
+from tests.integration.conftest import tiny_config as tiny
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -76,6 +78,31 @@ def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(ray_cluster, digits,
     again = pretrain(tiny(digits, tmp_path, "nan"))
     assert again.summary["train"] == {"final_step": 12, "resumes": [8]}
     assert logged_steps(again.run_folder) == list(range(1, 13))
+
+
+def test_micro_batches_cut_from_larger_ray_data_batches(ray_cluster):
+    import ray.data
+
+    dataset = ray.data.from_items([{"values": [row, row]} for row in range(1000)], override_num_blocks=7)
+    cpu = torch.device("cpu")
+    ordered = list(micro_batches(dataset, 64, 300, None, None, cpu))  # fetches of 256 rows: 4 cut each
+    assert [len(batch) for batch in ordered] == [64] * 15  # 1000 // 64; the partial tail is dropped
+    assert torch.cat(ordered)[:, 0].tolist() == list(range(960))
+
+    def shuffled(seed):
+        return torch.cat(list(micro_batches(dataset, 64, 300, 500, seed, cpu)))[:, 0].tolist()
+
+    first = shuffled(1)
+    assert len(first) == 960 == len(set(first)) and first != list(range(960))
+    assert first == shuffled(1) and first != shuffled(2)
+
+
+def test_shards_are_read_in_blocks_of_bounded_size(ray_cluster, digits):
+    """Ray Data would pack the digits' 3 training shards into one block; a worker holds a block."""
+    manifest = read_manifest(digits)
+    blocks = shard_dataset(digits, manifest, "train", block_bytes=16 * 2**10).materialize()
+    assert blocks.count() == manifest.rows("train") and blocks.num_blocks() >= 4
+    assert shard_dataset(digits, manifest, "train", block_bytes=2**30).materialize().num_blocks() < blocks.num_blocks()
 
 
 @pytest.mark.parametrize(

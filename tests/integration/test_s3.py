@@ -18,7 +18,7 @@ import biglearn.data.prepare as prepare_module
 from biglearn.data.manifest import read_manifest, read_split
 from biglearn.data.storage import list_files, read_bytes
 from biglearn.train.run import pretrain
-from conftest import tiny_config
+from tests.integration.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
