@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from biglearn.export import write_export
 from biglearn.serving import decode_png
 from biglearn.train.run import pretrain
-from conftest import free_port, tiny_config
+from tests.integration.conftest import free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
