@@ -10,7 +10,6 @@ batching and PNG handling live in biglearn.serving; this file wires them to Serv
 # No `from __future__ import annotations`: Serve ships the class by value, and FastAPI must
 # resolve its annotations (Request, the schemas) in the replica.
 import asyncio
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -161,11 +160,6 @@ def _describe(err: dict) -> str:
     return f"{where}: {err['msg']}"
 
 
-def local_export(uri: str) -> Path:
-    """A local folder holding the export `uri`: the folder itself, or a copy of s3://bucket/prefix."""
-    return fetch_folder(uri, tempfile.mkdtemp(prefix="biglearn-export-") if is_s3(uri) else uri)
-
-
 @serve.deployment
 @serve.ingress(api)
 class Completer:
@@ -177,7 +171,7 @@ class Completer:
         _share(self.metrics, self.cfg.limits)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         started = time.perf_counter()
-        self.served = ExportedModel(local_export(export), device, self.cfg.limits.max_length)
+        self.served = ExportedModel(fetch_folder(export), device, self.cfg.limits.max_length)
         self.load_seconds = time.perf_counter() - started
         # One model call at a time: batching, not threads, is how a replica serves many callers.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")

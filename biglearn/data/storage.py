@@ -14,6 +14,7 @@ every error message is scrubbed of the secret values present in the environment.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,15 +160,16 @@ def delete_dir(uri: str) -> None:
             fs.delete_dir(path)
 
 
-def fetch_folder(uri: str, destination: str | Path) -> Path:
-    """A local folder with the files under `uri`: the folder itself when local, else a copy."""
+def fetch_folder(uri: str, destination: str | Path | None = None) -> Path:
+    """A local folder with the files under `uri`: the folder itself when local, else a copy (in
+    `destination`, or a fresh temporary folder)."""
     if not is_s3(uri):
         return Path(uri)
     check_bucket(uri)
     if not list_files(uri):
         raise StorageError(f"nothing found under {uri}: check the URI")
     fs, path = resolve(uri)
-    destination = Path(destination)
+    destination = Path(destination or tempfile.mkdtemp(prefix="biglearn-"))
     destination.mkdir(parents=True, exist_ok=True)
     with storage_errors(uri):
         pafs.copy_files(path, str(destination), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

@@ -16,7 +16,8 @@ import pytest
 
 import biglearn.data.prepare as prepare_module
 from biglearn.data.manifest import read_manifest, read_split
-from biglearn.data.storage import list_files, read_bytes
+from biglearn.data.storage import fetch_folder, list_files, read_bytes
+from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, complete_tasks, parse_request
 from biglearn.train.run import pretrain
 from tests.integration.conftest import tiny_config
 
@@ -65,6 +66,13 @@ def test_prepare_train_and_resume_all_in_s3(ray_with_s3, capsys):
 
     # The same command again: the finished run is found in S3 and nothing is retrained.
     assert pretrain(cfg).summary["train"] == {"final_step": 8, "resumes": [4]}
+
+    # A Serve replica loads the export straight from S3 (copied to a local folder first).
+    served = ExportedModel(fetch_folder(f"{storage}/s3run/export"))
+    assert served.problem is None and served.card.dataset == "digits" and served.card.panel is not None
+    task = parse_request(CompleteRequest(values={0: 3}, seed=1), served, ServingConfig())
+    (sample,) = complete_tasks(served.model, [task], served.device)
+    assert sample[0, 0] == 3 and ((0 <= sample) & (sample < 17)).all()
 
     out = capsys.readouterr()
     saved = b"".join(read_bytes(f"{storage}/s3run/{name}") for name in ("config.json", "summary.json", "export/config.json"))
