@@ -1,6 +1,6 @@
 """The Ray Serve application: a FastAPI ingress over one export, with batching across callers.
 
-    python jobs/serve.py --export runs/digits-quick/export        # local Ray + metrics port
+    python jobs/serve_model.py --export runs/digits-quick/export        # local Ray + metrics port
     serve deploy serve/config.yaml                                # onto a running cluster
 
 Routes (OpenAPI at /docs): POST /v1/complete, GET /v1/model, GET /v1/health. Request checks,

@@ -1,7 +1,7 @@
 """Serve an export over HTTP with Ray Serve: conditional generation with batching and metrics.
 
-    python jobs/serve.py                                         # runs/digits-quick/export
-    python jobs/serve.py --export s3://bucket/runs/x/export --set batching.max_batch_rows=128
+    python jobs/serve_model.py                                         # runs/digits-quick/export
+    python jobs/serve_model.py --export s3://bucket/runs/x/export --set batching.max_batch_rows=128
     curl -s localhost:8000/v1/complete -H 'content-type: application/json' \
          -d '{"values": {"0": 0, "1": 5}, "target": "rest", "seed": 1}'
 
@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# `serve` is the repository's folder, not an installed package, and sys.path[0] (this script's
-# folder) would resolve it to this very file.
-sys.path[0] = str(REPO)
+sys.path.insert(0, str(REPO))  # `serve/` is the repository's folder, not an installed package
 
 from biglearn.config import ConfigError  # noqa: E402
 from biglearn.data.storage import forwarded_env  # noqa: E402
