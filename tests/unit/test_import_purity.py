@@ -15,6 +15,14 @@ CORE = [
     "biglearn.generation",
     "biglearn.panel",
     "biglearn.export",
+    "biglearn.transforms",
+    "biglearn.simulate",
+    "biglearn.simulate.modes",
+    "biglearn.simulate.mixture",
+    "biglearn.simulate.gmm25",
+    "biglearn.simulate.landscape",
+    "biglearn.simulate.figures",
+    "biglearn.simulate.run",
 ]
 HEAVY = ["ray", "deepspeed", "boto3", "botocore", "pyarrow"]
 
