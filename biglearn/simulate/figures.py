@@ -43,6 +43,8 @@ def fit_panels(
     image = Image.new("RGB", (width, size + head + pad), WHITE)
     draw = ImageDraw.Draw(image)
     draw.text((pad, 4), title, fill=BLACK, font=_font(14))
+    legend = f"grey discs: data modes (radius {radius:g}; green rim = covered); blue: model 2-sigma ellipses; red: model means"
+    draw.text((pad, 23), legend, fill=GREY, font=_font(11))
     scale = size / (2 * extent)
     for index, run in enumerate(runs):
         left, top = pad + index * (size + pad), head

@@ -68,6 +68,14 @@ class Mixture:
             delta_NK = x_ND - self.means[..., 0].unsqueeze(-2)
             log_normal_NK = -0.5 * (delta_NK.square() / var_1K + LOG_2PI + var_1K.log())
             return self.log_weights.unsqueeze(-2) + log_normal_NK
+        if self.dim == 2:  # the simulations' data dimension: explicit 2x2 algebra, no batched solves
+            chol_KDD = torch.linalg.cholesky(self.covs)
+            l11, l21, l22 = (chol_KDD[..., i, j].unsqueeze(-2) for i, j in ((0, 0), (1, 0), (1, 1)))
+            delta_NKD = x_ND.unsqueeze(-2) - self.means.unsqueeze(-3)
+            w1 = delta_NKD[..., 0] / l11
+            w2 = (delta_NKD[..., 1] - l21 * w1) / l22
+            log_normal_NK = -0.5 * (w1.square() + w2.square()) - LOG_2PI - l11.log() - l22.log()
+            return self.log_weights.unsqueeze(-2) + log_normal_NK
         chol_1KDD = torch.linalg.cholesky(self.covs).unsqueeze(-4)
         delta_NKD = x_ND.unsqueeze(-2) - self.means.unsqueeze(-3)
         white_NKD = torch.linalg.solve_triangular(chol_1KDD, delta_NKD.unsqueeze(-1), upper=False).squeeze(-1)
