@@ -33,9 +33,9 @@ schedule never reaches the threshold we use).
 
 Speed: the gradients are written out by hand for 2-D (checked against autograd of the
 `reference_*` losses in the tests): one SGD step of 5 seeds is a few dozen elementwise ops on
-[5, 100, 25] tensors with no autograd graph, 5x faster than autograd through `Mixture`.
-torch.compile of a step gave 1.7-1.9x more but costs ~30 s of compilation per process and
-recompiles per task-group size, so it is not used. Each seed owns a torch.Generator that draws
+[5, 100, 25] tensors with no autograd graph, 3-9x faster than autograd through `Mixture`
+(benchmarks/gmm_step.py). torch.compile of a step gave 1.7-1.8x more but costs 9-22 s of
+compilation per process and recompiles per task-group size, so it is not used. Each seed owns a torch.Generator that draws
 its tasks, transforms and noise, so a seed's result does not depend on which other seeds share
 the batch.
 
