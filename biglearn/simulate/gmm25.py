@@ -483,6 +483,7 @@ def _outer_step(cfg: Gmm25Config, lr: float, theta, data: Mixture, joint_target:
         # q's views stay fixed for the whole outer step: computed once.
         target = joint_target if name == "joint" else Target.view(data, a)
         if name == "conditional":
+            # data draws x = mu_j + sigma eps: the paper's components are isotropic (0.05 I)
             x = data.means[draws.data_z_ROIC[idx, o]] + data.covs[0, 0, 0].sqrt() * draws.data_eps_ROICD[idx, o]
             s = torch.einsum("gd,gicd->gic", a[:, 1], x)  # y_2 = (A x)_2 of data draws, [G, I, C]
             noise = (s, draws.cond_eps_ROICK[idx, o])
