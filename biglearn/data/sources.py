@@ -30,6 +30,7 @@ from pydantic import Field, PositiveInt
 
 from biglearn.config import Config
 from biglearn.data.manifest import DatasetError, Geometry
+from biglearn.simulate.modes import paper_modes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -403,10 +404,7 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
 
 def gmm_modes(mixture: str) -> tuple[np.ndarray, float]:
     """(means [K, 2], per-coordinate variance) of the paper's mixtures (method.md section 3-4)."""
-    if mixture == "gmm2":
-        return np.array([[-1.0, 0.0], [1.0, 0.0]]), 0.1
-    grid = np.arange(-4.0, 5.0, 2.0)
-    return np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2), 0.05
+    return paper_modes(mixture)  # one definition, shared with the simulations
 
 
 class GmmSource(Source):

@@ -16,6 +16,14 @@ CORE = [
     "biglearn.panel",
     "biglearn.export",
     "biglearn.serving",
+    "biglearn.transforms",
+    "biglearn.simulate",
+    "biglearn.simulate.modes",
+    "biglearn.simulate.mixture",
+    "biglearn.simulate.gmm25",
+    "biglearn.simulate.landscape",
+    "biglearn.simulate.figures",
+    "biglearn.simulate.run",
 ]
 HEAVY = ["ray", "deepspeed", "boto3", "botocore", "pyarrow"]
 
