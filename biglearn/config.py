@@ -7,6 +7,7 @@ what it got, and (for unknown keys) which keys are valid there.
 
 from __future__ import annotations
 
+import argparse
 import types
 import typing
 from pathlib import Path
@@ -44,6 +45,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return data
+
+
+def job_parser(description: str, config_help: str, set_example: str, default_config: str | None = None) -> argparse.ArgumentParser:
+    """The command line every job starts from: `--config` YAML and repeated `--set KEY=VALUE`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=default_config, help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {set_example}")
+    return parser
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:

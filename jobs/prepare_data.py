@@ -17,21 +17,17 @@ profile, role); set AWS_ENDPOINT_URL_S3 for an S3-compatible store.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from biglearn.config import ConfigError, load_config
+from biglearn.config import ConfigError, job_parser, load_config
 from biglearn.data.manifest import DatasetError
 from biglearn.data.prepare import PrepareConfig, prepare_dataset
 from biglearn.data.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML with source, output and options")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. source.kind=text")
-    args = parser.parse_args(argv)
+    args = job_parser(__doc__, "YAML with source, output and options", "source.kind=text").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         cfg = load_config(PrepareConfig, args.config, args.set)

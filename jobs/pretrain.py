@@ -9,11 +9,10 @@ Running the same command again (same run.name) resumes the run from its latest c
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from biglearn.config import ConfigError, load_config
+from biglearn.config import ConfigError, job_parser, load_config
 from biglearn.data.manifest import DatasetError
 from biglearn.train.config import PretrainConfig
 from biglearn.train.run import PretrainError, pretrain
@@ -22,9 +21,7 @@ DEFAULT = Path(__file__).parent / "configs" / "digits-quick.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT), help="recipe YAML (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=50")
+    parser = job_parser(__doc__, "recipe YAML (default: %(default)s)", "train.steps=50", str(DEFAULT))
     args = parser.parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.config, args.set)

@@ -11,7 +11,6 @@ serve/config.yaml and serves until Ctrl-C. Settings keys: biglearn.serving.Servi
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,16 +18,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `serve/` is the repository's folder, not an installed package
 
-from biglearn.config import ConfigError  # noqa: E402
+from biglearn.config import ConfigError, job_parser  # noqa: E402
 from biglearn.data.storage import forwarded_env  # noqa: E402
 from serve.app import DEFAULT_CONFIG, app_from_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__, "Serve config (default: %(default)s)", "limits.max_num_samples=4", str(DEFAULT_CONFIG))
     parser.add_argument("--export", help="export folder or s3:// URI (default: the config's args.export)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings override, e.g. limits.max_num_samples=4")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Prometheus endpoint of this node (default: %(default)s)")
     args = parser.parse_args(argv)
     try:

@@ -13,18 +13,14 @@ Each run writes config.json, a PNG (fit.png or landscape.png) and results.json (
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from biglearn.config import ConfigError, load_config
+from biglearn.config import ConfigError, job_parser, load_config
 from biglearn.simulate.run import SimulateConfig, simulate
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (jobs/configs/gmm*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. gmm25.outer_steps=2000")
-    args = parser.parse_args(argv)
+    args = job_parser(__doc__, "YAML recipe (jobs/configs/gmm*.yaml)", "gmm25.outer_steps=2000").parse_args(argv)
     try:
         cfg = load_config(SimulateConfig, args.config, args.set)
     except ConfigError as exc:
