@@ -5,8 +5,23 @@ learned mask embedding, absent positions nothing. With `drop_absent`, absent pos
 attended sequence entirely (their position ids are kept by the remaining ones), which makes
 marginal tasks cheaper.
 
+The same blocks serve three uses, chosen by the `ModelSpec`:
+  * discrete tokens (`vocab_size`): token embedding in, logits over V out (maximum likelihood);
+  * continuous patches (`patch_dim`): a linear patch projection in, patch values out; with
+    `noise_dim` > 0 it is a generator: each target position adds its own projected Gaussian
+    noise to the mask embedding, so one forward pass draws a sample (BigLearn-GAN);
+  * `critic`: a discriminator over continuous patches: sources *and* targets show their values
+    (real or generated), the role embedding tells which is which, and a learned class token,
+    prepended to the sequence, is read out as one real-vs-fake score per example. It also
+    gets a learned `view` embedding on every position of examples posed in a transformed
+    domain (biglearn/gan.py), so it knows which kind of view it is judging.
+Positions: one learned embedding per position, except continuous image data (a patch grid),
+which gets factorised 2-D embeddings (row + column), so neighbouring patches share structure.
+Discrete image tokens keep the per-position table: exports already trained that way load as
+they are.
+
 Legend: B = batch, L = positions, K = kept positions, D = model width, H = heads, E = head width,
-V = vocabulary.
+V = vocabulary, P = patch dimension, Z = noise dimension.
 """
 
 from __future__ import annotations
@@ -14,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from torch import nn
 
 from biglearn.config import Config
@@ -37,17 +52,41 @@ class ModelConfig(Config):
 
 
 class ModelSpec(Config):
-    """Everything needed to rebuild a trained model: architecture plus data shape."""
+    """Everything needed to rebuild a trained model: architecture plus data shape.
+
+    Exactly one of `vocab_size` (discrete tokens) and `patch_dim` (continuous patches)."""
 
     model: ModelConfig
     length: PositiveInt
-    vocab_size: PositiveInt
+    vocab_size: PositiveInt | None = None
+    patch_dim: PositiveInt | None = None
     grid: tuple[int, int] | None = None
+    noise_dim: NonNegativeInt = 0
+    """Gaussian noise dimensions per target position: > 0 makes a generator."""
+    critic: bool = False
+    """A discriminator: one real-vs-fake score per example instead of values per position."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if (self.vocab_size is None) == (self.patch_dim is None):
+            raise ValueError("a model spec needs exactly one of vocab_size (discrete) and patch_dim (continuous)")
+        if (self.noise_dim or self.critic) and self.patch_dim is None:
+            raise ValueError("noise_dim and critic are for continuous data (patch_dim)")
+        if self.noise_dim and self.critic:
+            raise ValueError("a critic takes no generator noise: set noise_dim to 0")
+        if self.grid is not None and self.grid[0] * self.grid[1] != self.length:
+            raise ValueError(f"grid {self.grid} does not hold length {self.length} positions")
+        return self
+
+    @property
+    def continuous(self) -> bool:
+        return self.patch_dim is not None
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, explicit_attention: bool = False):
         super().__init__()
+        self.explicit_attention = explicit_attention
         d = cfg.d_model
         self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
@@ -63,7 +102,8 @@ class Block(nn.Module):
         qkv_BK3HE = self.qkv(self.norm1(x_BKD)).view(B, K, 3, self.num_heads, D // self.num_heads)
         q_BHKE, k_BHKE, v_BHKE = qkv_BK3HE.permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.dropout if self.training else 0.0
-        if q_BHKE.device.type == "cpu" and q_BHKE.dtype in (torch.bfloat16, torch.float16):
+        reduced_on_cpu = q_BHKE.device.type == "cpu" and q_BHKE.dtype in (torch.bfloat16, torch.float16)
+        if self.explicit_attention or reduced_on_cpu:
             y_BHKE = _explicit_attention(q_BHKE, k_BHKE, v_BHKE, attend_B11K, dropout_p)
         else:
             y_BHKE = F.scaled_dot_product_attention(q_BHKE, k_BHKE, v_BHKE, attn_mask=attend_B11K, dropout_p=dropout_p)
@@ -73,48 +113,100 @@ class Block(nn.Module):
 
 
 class UniversalTransformer(nn.Module):
-    """logits_BLV = model(values_BL, roles_BL); only logits at TARGET positions mean anything."""
+    """out = model(values, roles_BL[, noise_BLZ][, transformed_B]).
+
+    Discrete: values_BL (int) -> logits_BLV. Continuous: values_BLP (float) -> patches_BLP; with
+    noise_dim > 0 the noise_BLZ is required. Only outputs at TARGET positions mean anything.
+    Critic: values_BLP at sources and targets -> score_B (a logit: > 0 says real);
+    `transformed_B` (bool, optional) marks examples posed in a transformed domain.
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         cfg = spec.model
         self.spec = spec
         d = cfg.d_model
-        self.value_embed = nn.Embedding(spec.vocab_size, d)
+        self.value_embed = nn.Linear(spec.patch_dim, d) if spec.continuous else nn.Embedding(spec.vocab_size, d)
         self.mask_embed = nn.Parameter(torch.zeros(d))
         self.role_embed = nn.Embedding(3, d)
-        self.pos_embed = nn.Parameter(torch.zeros(spec.length, d))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.grid_positions = spec.continuous and spec.grid is not None
+        if self.grid_positions:
+            self.row_embed = nn.Parameter(torch.zeros(spec.grid[0], d))
+            self.col_embed = nn.Parameter(torch.zeros(spec.grid[1], d))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(spec.length, d))
+        if spec.noise_dim:
+            self.noise_embed = nn.Linear(spec.noise_dim, d)
+        if spec.critic:
+            self.class_embed = nn.Parameter(torch.zeros(d))
+            self.view_embed = nn.Parameter(torch.zeros(d))
+        # The critic's R1 penalty differentiates its input gradient again; torch's fused
+        # attention kernels have no second derivative, the written-out softmax attention has.
+        self.blocks = nn.ModuleList(Block(cfg, explicit_attention=spec.critic) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, spec.vocab_size)
+        self.head = nn.Linear(d, 1 if spec.critic else spec.patch_dim or spec.vocab_size)
         self.checkpoint_activations = False  # recompute blocks in backward: less memory, more time
         self.apply(_init_weights)
-        nn.init.normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.mask_embed, std=0.02)
+        positions = [self.row_embed, self.col_embed] if self.grid_positions else [self.pos_embed]
+        critic = [self.class_embed, self.view_embed] if spec.critic else []
+        for param in [*positions, self.mask_embed, *critic]:  # this order keeps discrete inits as they were
+            nn.init.normal_(param, std=0.02)
+        if spec.noise_dim:
+            # Noise must move the output from the first step, else the generator starts out
+            # deterministic and the critic teaches it one answer per input.
+            nn.init.normal_(self.noise_embed.weight, std=spec.noise_dim**-0.5)
 
-    def forward(self, values_BL: torch.Tensor, roles_BL: torch.Tensor) -> torch.Tensor:
+    def positions(self) -> torch.Tensor:
+        """pos_LD: the position embedding of each position (row-major over the patch grid)."""
+        if self.grid_positions:
+            return (self.row_embed[:, None, :] + self.col_embed[None, :, :]).flatten(0, 1)
+        return self.pos_embed
+
+    def forward(
+        self,
+        values: torch.Tensor,
+        roles_BL: torch.Tensor,
+        noise_BLZ: torch.Tensor | None = None,
+        transformed_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        spec = self.spec
         roles_BL = roles_BL.long()
-        shown_BLD = self.value_embed(values_BL.long().clamp(0, self.spec.vocab_size - 1))
+        if spec.continuous:
+            shown_BLD = self.value_embed(values.to(self.value_embed.weight.dtype))
+        else:
+            shown_BLD = self.value_embed(values.long().clamp(0, spec.vocab_size - 1))
+        hidden_BLD = self.mask_embed.to(shown_BLD.dtype).expand_as(shown_BLD)
+        if spec.noise_dim:
+            if noise_BLZ is None:
+                raise ValueError("this model is a generator: pass noise_BLZ (one noise vector per position)")
+            hidden_BLD = hidden_BLD + self.noise_embed(noise_BLZ.to(shown_BLD.dtype))
+        is_shown_BL = roles_BL != ABSENT if spec.critic else roles_BL == SOURCE
         x_BLD = torch.where(
-            (roles_BL == SOURCE)[..., None],
-            shown_BLD,
-            torch.where((roles_BL == TARGET)[..., None], self.mask_embed.to(shown_BLD.dtype), 0.0),
+            is_shown_BL[..., None], shown_BLD, torch.where((roles_BL == TARGET)[..., None], hidden_BLD, 0.0)
         )
-        x_BLD = x_BLD + self.role_embed(roles_BL) + self.pos_embed
+        x_BLD = x_BLD + self.role_embed(roles_BL) + self.positions()
+        if spec.critic and transformed_B is not None:
+            x_BLD = x_BLD + transformed_B.to(x_BLD.dtype)[:, None, None] * self.view_embed
         keep_BK, attend_B11K = None, None
-        if self.spec.model.drop_absent:
+        if spec.model.drop_absent:
             keep_BK, attend_B11K = _pack_index(roles_BL)
         if keep_BK is not None:
             x = x_BLD.gather(1, keep_BK[..., None].expand(-1, -1, x_BLD.shape[-1]))
         else:
             x = x_BLD
+        if spec.critic:
+            x = torch.cat([self.class_embed.to(x.dtype).expand(x.shape[0], 1, -1), x], 1)
+            if attend_B11K is not None:
+                attend_B11K = F.pad(attend_B11K, (1, 0), value=True)
         for block in self.blocks:
             if self.checkpoint_activations and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, attend_B11K, use_reentrant=False)
             else:
                 x = block(x, attend_B11K)
+        if spec.critic:
+            return self.head(self.norm(x[:, 0]))[:, 0]
         if keep_BK is not None:
-            # Padding slots of keep_BK point at absent positions, whose logits mean nothing anyway.
+            # Padding slots of keep_BK point at absent positions, whose outputs mean nothing anyway.
             x = torch.zeros_like(x_BLD).scatter(1, keep_BK[..., None].expand(-1, -1, x.shape[-1]), x)
         return self.head(self.norm(x))
 

@@ -43,10 +43,15 @@ def big_learning_loss(
         loss = example_nll_B.mean()
     else:
         loss = nll_BL.sum() / n_target_B.sum()
-    stats_F2 = torch.zeros(len(FAMILIES), 2, device=logits_BLV.device)
-    stats_F2[:, 0].index_add_(0, family_B, example_nll_B.detach())
-    stats_F2[:, 1].index_add_(0, family_B, torch.ones_like(example_nll_B))
-    return loss, stats_F2
+    return loss, family_stats(example_nll_B, family_B)
+
+
+def family_stats(per_example_B: torch.Tensor, family_B: torch.Tensor) -> torch.Tensor:
+    """stats_F2: per family, [sum of `per_example_B`, number of examples] (detached)."""
+    stats_F2 = torch.zeros(len(FAMILIES), 2, device=per_example_B.device)
+    stats_F2[:, 0].index_add_(0, family_B, per_example_B.detach().float())
+    stats_F2[:, 1].index_add_(0, family_B, torch.ones_like(per_example_B, dtype=torch.float32))
+    return stats_F2
 
 
 def family_means(stats_F2: torch.Tensor) -> dict[str, float]:

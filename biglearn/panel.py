@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from biglearn.gan import generate
 from biglearn.generation import decoding_nll
 from biglearn.roles import ABSENT, SOURCE, TARGET
 
@@ -81,5 +82,34 @@ def evaluate_panel(
             total_nll += float(decoding_nll(model, values, roles, order_generator, steps).sum())
             total_targets += int((roles == TARGET).sum())
         scores[name] = total_nll / total_targets
+    model.train(was_training)
+    return scores
+
+
+@torch.no_grad()
+def generator_panel(
+    model: torch.nn.Module, values_BLP: torch.Tensor, grid: tuple[int, int] | None, batch_size: int = 256
+) -> dict[str, dict[str, float]]:
+    """The same named tasks for a continuous generator (no likelihood to score): per task,
+    `error`, the RMS distance of a sample's targets from the real ones, and `spread`, the RMS
+    distance between two samples of the same input (0 for a deterministic model)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    N, L, _ = values_BLP.shape
+    scores = {}
+    for name, make_roles in panel_tasks(L, grid).items():
+        roles_NL = make_roles(N, torch.Generator().manual_seed(PANEL_SEED))
+        noise = torch.Generator(device=device).manual_seed(PANEL_SEED + 1)
+        error = spread = count = 0.0
+        for start in range(0, N, batch_size):
+            values = values_BLP[start : start + batch_size].to(device).float()
+            roles = roles_NL[start : start + batch_size].to(device)
+            first, second = generate(model, values, roles, noise), generate(model, values, roles, noise)
+            is_target = (roles == TARGET)[..., None]
+            error += float(((first - values).square() * is_target).sum())
+            spread += float(((first - second).square() * is_target).sum())
+            count += float(is_target.sum()) * values.shape[-1]
+        scores[name] = {"error": (error / count) ** 0.5, "spread": (spread / count) ** 0.5}
     model.train(was_training)
     return scores

@@ -1,8 +1,11 @@
 """The embedded default dataset: scikit-learn's bundled handwritten digits (no download).
 
 1,797 real 8x8 images with values 0..16: discrete, L = 64, V = 17, a fixed seeded split of
-1,437 training and 360 validation digits. Also the judge used to score completions: a
-logistic-regression classifier trained on the real training digits.
+1,437 training and 360 validation digits; or, for the BigLearn-GAN, the same digits and split
+as continuous 2x2 patches scaled to [0, 1] (L = 16, P = 4). Also the judge used to score
+completions: a logistic-regression classifier trained on the real training digits (0..16
+pixels; continuous samples are clipped to [0, 1] and multiplied by 16, not rounded: the
+classifier takes real-valued pixels, and rounding would only add quantisation noise).
 """
 
 from __future__ import annotations
@@ -13,23 +16,32 @@ import numpy as np
 
 from biglearn.data.manifest import DatasetError, Manifest, read_manifest, read_split
 from biglearn.data.prepare import write_source
-from biglearn.data.sources import digits_source
+from biglearn.data.sources import digits_source, from_patches
 
 NAME = "digits"
 SPLIT_SEED = 0
 VALIDATION_FRACTION = 0.2  # 360 of the 1,797 digits
 
 
-def ensure_digits(uri: str | Path) -> Manifest:
-    """Returns the digits dataset at `uri`, writing it first if it is not there."""
+def ensure_digits(uri: str | Path, continuous: bool = False) -> Manifest:
+    """Returns the digits dataset at `uri`, writing it first if it is not there (as continuous
+    2x2 patches when `continuous`)."""
     try:
         return read_manifest(str(uri))
     except DatasetError:
         pass
     return write_source(
-        digits_source(), str(uri), name=NAME, validation_fraction=VALIDATION_FRACTION, seed=SPLIT_SEED,
-        rows_per_shard=500,
+        digits_source("patches" if continuous else "tokens"), str(uri), name=NAME,
+        validation_fraction=VALIDATION_FRACTION, seed=SPLIT_SEED, rows_per_shard=500,
     )
+
+
+def judge_pixels(values: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """Dataset values -> the judge's [N, 64] pixels on the 0..16 scale."""
+    if manifest.kind == "discrete":
+        return values
+    images = from_patches(np.clip(values, 0.0, 1.0), manifest.geometry)
+    return images.reshape(len(values), -1) * 16
 
 
 class DigitJudge:
@@ -76,14 +88,16 @@ class DigitsQuality:
     """
 
     def __init__(self, uri: str | Path):
-        manifest = read_manifest(str(uri))
+        self.manifest = manifest = read_manifest(str(uri))
         train = read_split(str(uri), manifest, "train", ["values", "label"])
         validation = read_split(str(uri), manifest, "validation", ["values", "label"])
-        self.train_images, self.train_labels = train["values"], train["label"]
-        self.images, self.labels = validation["values"], validation["label"]
+        self.train_images, self.train_labels = judge_pixels(train["values"], manifest), train["label"]
+        self.values, self.labels = validation["values"], validation["label"]
+        self.images = judge_pixels(self.values, manifest)
         self.judge = DigitJudge(self.train_images, self.train_labels)
+        self.top_half = (np.arange(64) // 8) < 4  # of the pixels
         rows, cols = manifest.grid
-        self.top_half = (np.arange(rows * cols) // cols) < rows // 2
+        self.top_half_positions = (np.arange(rows * cols) // cols) < rows // 2  # of the model's positions
 
     def references(self) -> dict[str, float]:
         judge, given = self.judge, self.top_half
@@ -110,7 +124,7 @@ class DigitsQuality:
         model.eval()
         generator = torch.Generator(device=device).manual_seed(seed)
         values = torch.from_numpy(self.images).long().to(device)
-        roles = torch.where(torch.from_numpy(self.top_half), SOURCE, TARGET).to(torch.int8).to(device)
+        roles = torch.where(torch.from_numpy(self.top_half_positions), SOURCE, TARGET).to(torch.int8).to(device)
         roles = roles.expand_as(values).contiguous()
         decode = dict(steps=steps, order=order, temperature=temperature, top_k=top_k)
         completions = complete(model, values, roles, generator, **decode).cpu().numpy()
@@ -123,3 +137,41 @@ class DigitsQuality:
             "joint_top_class_probability": self.judge.mean_top_probability(joint),
         }
         return metrics, completions, joint
+
+    def score_generator(self, model, *, seed: int = 0, num_joint: int = 200, noise_draws: int = 4
+                        ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """The same measures for a BigLearn-GAN generator (continuous digits), one generator pass
+        per sample, plus how much completions of one input differ across `noise_draws` draws.
+
+        Returns ({metric: value}, first completions [N, 64] and joint samples [num_joint, 64],
+        both as 0..16 pixels).
+        """
+        import torch
+
+        from biglearn.gan import generate
+        from biglearn.roles import SOURCE, TARGET
+
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator(device=device).manual_seed(seed)
+        values = torch.from_numpy(self.values).float().to(device)
+        roles = torch.where(torch.from_numpy(self.top_half_positions), SOURCE, TARGET).to(torch.int8).to(device)
+        roles = roles.expand(values.shape[:2]).contiguous()
+        draws = [generate(model, values, roles, generator).cpu().numpy() for _ in range(noise_draws)]
+        joint_roles = torch.full((num_joint, values.shape[1]), TARGET, dtype=torch.int8, device=device)
+        joint = generate(model, torch.zeros(num_joint, *values.shape[1:], device=device), joint_roles, generator)
+        model.train(was_training)
+        pixels = [judge_pixels(draw, self.manifest) / 16 for draw in draws]  # [0, 1] per pixel
+        pairs = [(i, j) for i in range(noise_draws) for j in range(i + 1, noise_draws)]
+        distances = [np.linalg.norm(pixels[i] - pixels[j], axis=1).mean() for i, j in pairs]
+        completions = judge_pixels(draws[0], self.manifest)
+        joint_pixels = judge_pixels(joint.cpu().numpy(), self.manifest)
+        metrics = {
+            "completion_accuracy": self.judge.accuracy(completions, self.labels),
+            "completion_accuracy_over_draws": float(np.mean([self.judge.accuracy(p * 16, self.labels) for p in pixels])),
+            # L2 distance in [0, 1] pixel units over the 64 pixels (only the 32 generated ones can differ)
+            "completion_pairwise_distance": float(np.mean(distances)) if distances else 0.0,
+            "joint_top_class_probability": self.judge.mean_top_probability(joint_pixels),
+        }
+        return metrics, completions, joint_pixels

@@ -79,6 +79,10 @@ class TextInput(Config):
 
 class DigitsInput(Config):
     kind: Literal["digits"]
+    encoding: Literal["tokens", "patches"] = "tokens"
+    """tokens: the 0..16 pixels as tokens (V = 17); patches: continuous patches scaled to [0, 1]."""
+    patch: PositiveInt = 2
+    """Patch side for `patches` (1, 2, 4 or 8)."""
 
 
 class GmmInput(Config):
@@ -143,10 +147,23 @@ def encode_images(images_NHWC: np.ndarray, options: ImageEncoding) -> np.ndarray
     n, h, w, c = images_NHWC.shape
     if options.encoding == "tokens":
         return (images_NHWC[..., 0].astype(np.uint16) * options.levels // 256).astype(np.uint8).reshape(n, h * w)
-    p = options.patch
-    x = images_NHWC.astype(np.float32) / 127.5 - 1.0
-    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return to_patches(images_NHWC.astype(np.float32) / 127.5 - 1.0, options.patch)
+
+
+def to_patches(x_NHWC: np.ndarray, patch: int) -> np.ndarray:
+    """Images [N, H, W, C] -> patches [N, L, P]: L in row-major patch order, P = patch*patch*C."""
+    n, h, w, c = x_NHWC.shape
+    p = patch
+    x = x_NHWC.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return np.ascontiguousarray(x.reshape(n, (h // p) * (w // p), p * p * c))
+
+
+def from_patches(values_NLP: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The inverse of `to_patches`: patches [N, L, P] -> images [N, H, W, C]."""
+    p, c = geometry.patch, geometry.channels
+    rows, cols = geometry.grid
+    x = values_NLP.reshape(len(values_NLP), rows, cols, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return np.ascontiguousarray(x.reshape(len(values_NLP), rows * p, cols * p, c))
 
 
 def _image_shape(source: Source, where: str, height: int, width: int, channels: int, options: ImageEncoding) -> None:
@@ -430,16 +447,21 @@ class GmmSource(Source):
         return {"config": self.cfg.model_dump()}
 
 
-def digits_source() -> ArraySource:
+def digits_source(encoding: Literal["tokens", "patches"] = "tokens", patch: int = 2) -> ArraySource:
+    """The embedded digits: tokens 0..16, or continuous patches of 0..16 / 16 (in [0, 1], the
+    scale the BigLearn-GAN recipes use; other images are scaled to [-1, 1])."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    return ArraySource(
-        "digits",
-        {"values": digits.data.astype(np.int16), "label": digits.target.astype(np.int16)},
-        vocab_size=17,
-        geometry=Geometry(height=8, width=8),
-    )
+    labels = digits.target.astype(np.int16)
+    if encoding == "tokens":
+        return ArraySource("digits", {"values": digits.data.astype(np.int16), "label": labels}, vocab_size=17,
+                           geometry=Geometry(height=8, width=8))
+    if 8 % patch:
+        raise DatasetError(f"the digits are 8x8: source.patch must divide 8, got {patch}")
+    pixels = (digits.data.astype(np.float32) / 16).reshape(-1, 8, 8, 1)
+    return ArraySource("digits", {"values": to_patches(pixels, patch), "label": labels}, kind="continuous",
+                       patch_dim=patch * patch, geometry=Geometry(height=8, width=8, patch=patch))
 
 
 @contextlib.contextmanager
@@ -455,7 +477,7 @@ def open_source(cfg: SourceInput) -> Iterator[Source]:
         elif isinstance(cfg, GmmInput):
             yield GmmSource(cfg)
         else:
-            yield digits_source()
+            yield digits_source(cfg.encoding, cfg.patch)
 
 
 def _file_ids(paths: list[Path], root: Path | None = None) -> str:

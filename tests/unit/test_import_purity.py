@@ -13,6 +13,7 @@ CORE = [
     "biglearn.model",
     "biglearn.objectives",
     "biglearn.generation",
+    "biglearn.gan",
     "biglearn.panel",
     "biglearn.export",
     "biglearn.serving",
