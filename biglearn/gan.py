@@ -143,19 +143,32 @@ def critic_loss(
     roles_BL: torch.Tensor,
     transformed_B: torch.Tensor | None,
     r1_weight: float,
+    r1_critic: nn.Module | None = None,
 ) -> CriticLoss:
-    """D's non-saturating loss with the R1 penalty, which looks at the real examples only."""
-    real_BLP = real_BLP.detach().requires_grad_(r1_weight > 0)
-    real_B = critic(real_BLP, roles_BL, transformed_B=transformed_B).float()
+    """D's non-saturating loss with the R1 penalty, which looks at the real examples only.
+
+    R1 runs its own forward pass of D on the real examples, through `r1_critic` (default:
+    `critic`): the same network, but given unwrapped where `critic` is a DeepSpeed engine, whose
+    forward hooks D's output so that any backward through it, the input-gradient one included,
+    counts as the engine's backward pass and reduces gradients before they exist.
+    """
+    real_B = critic(real_BLP.detach(), roles_BL, transformed_B=transformed_B).float()
     fake_B = critic(fake_BLP.detach(), roles_BL, transformed_B=transformed_B).float()
     adversarial_B = F.softplus(-real_B) + F.softplus(fake_B)
     loss = adversarial_B.mean()
     r1_B = torch.zeros_like(real_B)
     if r1_weight > 0:
-        (grad_BLP,) = torch.autograd.grad(real_B.sum(), real_BLP, create_graph=True)
-        r1_B = grad_BLP.float().square().flatten(1).sum(1)
+        r1_B = r1_penalty(r1_critic or critic, real_BLP, roles_BL, transformed_B)
         loss = loss + 0.5 * r1_weight * r1_B.mean()
     return CriticLoss(loss, adversarial_B.detach(), r1_B.detach())
+
+
+def r1_penalty(critic: nn.Module, real_BLP: torch.Tensor, roles_BL: torch.Tensor, transformed_B: torch.Tensor | None) -> torch.Tensor:
+    """r1_B = |grad_x D(x)|^2 at the real examples, differentiable in D's parameters."""
+    real_BLP = real_BLP.detach().requires_grad_(True)
+    score_B = critic(real_BLP, roles_BL, transformed_B=transformed_B).float()
+    (grad_BLP,) = torch.autograd.grad(score_B.sum(), real_BLP, create_graph=True)
+    return grad_BLP.float().square().flatten(1).sum(1)
 
 
 def generator_loss(critic: nn.Module, fake_BLP: torch.Tensor, roles_BL: torch.Tensor, transformed_B: torch.Tensor | None) -> torch.Tensor:

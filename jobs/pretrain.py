@@ -31,9 +31,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     summary = outcome.summary
-    print("\n[biglearn] panel NLL per target token (validation):")
-    for task, nll in summary["panel_nll"].items():
-        print(f"  {task:<14} {nll:.4f}")
+    if "panel_nll" in summary:
+        print("\n[biglearn] panel NLL per target token (validation):")
+        for task, nll in summary["panel_nll"].items():
+            print(f"  {task:<14} {nll:.4f}")
+    else:
+        print("\n[biglearn] BigLearn-GAN panel (validation): RMS error of a sample's targets | RMS spread between two samples")
+        for task, scores in summary["generator_panel"].items():
+            print(f"  {task:<14} {scores['error']:.4f} | {scores['spread']:.4f}")
+    if "modes" in summary:
+        modes = summary["modes"]
+        print(f"[biglearn] joint samples cover {modes['modes_covered']}/{modes['modes']} modes; "
+              f"{modes['high_quality']:.3f} of them within 3 standard deviations of a mode")
+    if "completion_pairwise_distance" in summary.get("quality", {}):
+        print(f"[biglearn] completions of one input differ across noise draws by "
+              f"{summary['quality']['completion_pairwise_distance']:.3f} on average (L2, [0, 1] pixels; 0 if deterministic)")
     if "quality" in summary:
         refs, quality = summary["references"], summary["quality"]
         print(

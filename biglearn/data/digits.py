@@ -111,21 +111,29 @@ class DigitsQuality:
             ),
         }
 
+    def _bottom_half_task(self, model, seed: int, values: np.ndarray, dtype):
+        """(device, seeded generator, validation values, roles: top half given) on the model's device."""
+        import torch
+
+        from biglearn.roles import SOURCE, TARGET
+
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        values = torch.from_numpy(values).to(device, dtype)
+        roles = torch.where(torch.from_numpy(self.top_half_positions), SOURCE, TARGET).to(torch.int8).to(device)
+        return device, generator, values, roles.expand(values.shape[:2]).contiguous()
+
     def score(self, model, *, steps: int, order: str, temperature: float, top_k: int | None, seed: int = 0,
               num_joint: int = 200) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
         """Returns ({metric: value}, completions [N, L], joint samples [num_joint, L])."""
         import torch
 
         from biglearn.generation import complete
-        from biglearn.roles import SOURCE, TARGET
+        from biglearn.roles import TARGET
 
-        device = next(model.parameters()).device
+        device, generator, values, roles = self._bottom_half_task(model, seed, self.images, torch.long)
         was_training = model.training
         model.eval()
-        generator = torch.Generator(device=device).manual_seed(seed)
-        values = torch.from_numpy(self.images).long().to(device)
-        roles = torch.where(torch.from_numpy(self.top_half_positions), SOURCE, TARGET).to(torch.int8).to(device)
-        roles = roles.expand_as(values).contiguous()
         decode = dict(steps=steps, order=order, temperature=temperature, top_k=top_k)
         completions = complete(model, values, roles, generator, **decode).cpu().numpy()
         joint_roles = torch.full((num_joint, values.shape[1]), TARGET, dtype=torch.int8, device=device)
@@ -149,15 +157,11 @@ class DigitsQuality:
         import torch
 
         from biglearn.gan import generate
-        from biglearn.roles import SOURCE, TARGET
+        from biglearn.roles import TARGET
 
-        device = next(model.parameters()).device
+        device, generator, values, roles = self._bottom_half_task(model, seed, self.values, torch.float32)
         was_training = model.training
         model.eval()
-        generator = torch.Generator(device=device).manual_seed(seed)
-        values = torch.from_numpy(self.values).float().to(device)
-        roles = torch.where(torch.from_numpy(self.top_half_positions), SOURCE, TARGET).to(torch.int8).to(device)
-        roles = roles.expand(values.shape[:2]).contiguous()
         draws = [generate(model, values, roles, generator).cpu().numpy() for _ in range(noise_draws)]
         joint_roles = torch.full((num_joint, values.shape[1]), TARGET, dtype=torch.int8, device=device)
         joint = generate(model, torch.zeros(num_joint, *values.shape[1:], device=device), joint_roles, generator)

@@ -17,8 +17,9 @@ from biglearn.roles import Schedule
 class DataConfig(Config):
     path: str = "data/digits"
     """Dataset folder (or object-store URI): Parquet shards + manifest.json."""
-    embedded: Literal["digits"] | None = "digits"
-    """Write this embedded dataset at `path` when nothing is there yet; null to require one."""
+    embedded: Literal["digits", "digits-patches"] | None = "digits"
+    """Write this embedded dataset at `path` when nothing is there yet; null to require one.
+    digits: 0..16 pixel tokens; digits-patches: continuous 2x2 patches scaled to [0, 1] (the GAN's)."""
     train_split: str = "train"
     validation_split: str = "validation"
     shuffle_buffer: PositiveInt = 2048
@@ -98,6 +99,23 @@ class EvalConfig(Config):
     seed: int = 0
     num_joint: PositiveInt = 200
     num_shown: PositiveInt = 16
+    noise_draws: PositiveInt = 4
+    """GAN: completions drawn per validation input to measure how much they differ."""
+
+
+class GanConfig(Config):
+    """BigLearn-GAN (continuous datasets): the generator is `model`, trained with `optim`."""
+
+    noise_dim: PositiveInt = 16
+    """Gaussian noise dimensions per target position."""
+    r1_weight: float = Field(1.0, ge=0)
+    """gamma of the R1 penalty gamma/2 |grad_x D(x)|^2 on real examples."""
+    transform_probability: float = Field(0.0, ge=0, le=1)
+    """Share of tasks posed on y = A x for a fresh Haar-orthogonal A (rule: biglearn/gan.py)."""
+    critic: ModelConfig | None = None
+    """The discriminator's architecture; null: the same as `model`."""
+    critic_lr: PositiveFloat | None = None
+    """The discriminator's learning rate; null: optim.lr (same schedule)."""
 
 
 class PretrainConfig(Config):
@@ -109,6 +127,8 @@ class PretrainConfig(Config):
     cluster: ClusterConfig = ClusterConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
+    gan: GanConfig = GanConfig()
+    """Used when the dataset is continuous: maximum likelihood needs tokens, so it trains a GAN."""
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":

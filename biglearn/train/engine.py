@@ -24,7 +24,8 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=device.type == "cpu" and cpu_bf16(precision))
 
 
-def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict:
+def deepspeed_config(cfg: PretrainConfig, on_gpu: bool, lr: float | None = None) -> dict:
+    """`lr` overrides optim.lr (the GAN's critic); everything else comes from the config."""
     optim = cfg.optim
     zero: dict = {"stage": cfg.cluster.zero_stage}
     if cfg.cluster.zero_stage == 3:
@@ -40,7 +41,7 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict:
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": optim.lr,
+                "lr": lr or optim.lr,
                 "betas": list(optim.betas),
                 "weight_decay": optim.weight_decay,
                 "torch_adam": True,
@@ -61,11 +62,11 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool) -> dict:
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, on_gpu: bool):
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, on_gpu: bool, lr: float | None = None):
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, on_gpu)
+        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, on_gpu, lr)
     )
     return engine
 

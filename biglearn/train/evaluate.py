@@ -1,5 +1,8 @@
 """Scores a finished export: the panel on the validation split and, for the digits, the
-completion quality judged by a classifier, plus `completions.png`."""
+completion quality judged by a classifier, plus `completions.png`. A BigLearn-GAN generator
+(continuous data) gets the generator panel (error and spread per task), the digits' judge
+when it learned the digits, and mode coverage of its joint samples when it learned a
+Gaussian mixture."""
 
 from __future__ import annotations
 
@@ -13,11 +16,16 @@ from PIL import Image
 from biglearn.data.digits import NAME as DIGITS, DigitsQuality
 from biglearn.data.manifest import Manifest, read_split
 from biglearn.export import load_export
-from biglearn.panel import evaluate_panel
+from biglearn.gan import generate
+from biglearn.panel import evaluate_panel, generator_panel
+from biglearn.roles import TARGET
+from biglearn.simulate.modes import sample_coverage
 from biglearn.train.config import EvalConfig
 from biglearn.train.engine import autocast
 
 PANEL = "panel.json"
+MIXTURES = ("gmm2", "gmm25")
+MIXTURE_SAMPLES = 2500
 
 
 def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig, precision: str) -> dict:
@@ -29,6 +37,8 @@ def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str,
 def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model, spec = load_export(export)
+    if spec.continuous:
+        return _evaluate_generator(export, model, spec, data_uri, manifest, split, cfg)
     quality = DigitsQuality(data_uri) if manifest.name == DIGITS else None
     # DigitsQuality already holds the validation digits: no second read of the split.
     reuse = quality is not None and split == "validation"
@@ -56,6 +66,30 @@ def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: 
             (rows, cols),
             manifest.vocab_size - 1,
         )
+    (export / PANEL).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _evaluate_generator(export: Path, model, spec, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
+    quality = DigitsQuality(data_uri) if manifest.name == DIGITS else None
+    reuse = quality is not None and split == "validation"
+    values = quality.values if reuse else read_split(data_uri, manifest, split)["values"]
+    values = torch.from_numpy(values).float()[: cfg.panel_examples]
+    summary: dict = {"generator_panel": generator_panel(model, values, spec.grid)}
+    if quality:
+        metrics, completions, joint = quality.score_generator(
+            model, seed=cfg.seed, num_joint=cfg.num_joint, noise_draws=cfg.noise_draws
+        )
+        summary["quality"] = metrics
+        summary["references"] = quality.references()
+        shown = slice(0, cfg.num_shown)
+        given = np.where(quality.top_half, quality.images, -1)
+        _save_grid(export.parent / "completions.png", [quality.images[shown], given[shown], completions[shown], joint[shown]], (8, 8), 16)
+    if manifest.name in MIXTURES and spec.length == 2 and spec.patch_dim == 1:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        roles = torch.full((MIXTURE_SAMPLES, 2), TARGET, dtype=torch.int8)
+        samples = generate(model.eval(), torch.zeros(MIXTURE_SAMPLES, 2, 1), roles, generator)[..., 0].numpy()
+        summary["modes"] = sample_coverage(samples, manifest.name)
     (export / PANEL).write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import ray.train
 import ray.train.torch
@@ -37,81 +38,100 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_loop_per_worker(payload: dict) -> None:
-    cfg = PretrainConfig.model_validate(payload["config"])
-    manifest = Manifest.model_validate(payload["manifest"])
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
-        torch.set_num_threads(cfg.torch_threads())
-
+    cfg, manifest, rank, device, on_gpu = worker_setup(payload)
     spec = ModelSpec(model=cfg.model, length=manifest.length, vocab_size=manifest.vocab_size, grid=manifest.grid)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = UniversalTransformer(spec)
     model.checkpoint_activations = cfg.train.activation_checkpointing
     engine = build_engine(model, cfg, on_gpu)
+    state = restored_state(cfg, rank, lambda folder: engine.load_checkpoint(str(folder), tag=TAG))
 
+    micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
+    progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0)
+    window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
+    micro_index = 0
+    for values_BL in resumable_batches(cfg, manifest, state, device):
+        step = state["step"] + 1
+        _inject_faults(cfg, rank, step, micro_index % accum == 0)
+        values_BL = values_BL.long()
+        generator = _generator(device, task_seed(cfg.train.seed, step * accum + micro_index % accum, rank, cfg.schedule))
+        roles_BL, family_B = sample_roles(cfg.schedule, micro, manifest.length, generator, manifest.grid)
+        with autocast(device, cfg.train.precision):
+            logits_BLV = engine(values_BL, roles_BL)
+        loss, stats_F2 = big_learning_loss(logits_BLV, values_BL, roles_BL, family_B, cfg.optim.weighting)
+        if _fault_due(cfg, rank, step, "nan_loss"):
+            loss = loss * float("nan")
+        check_finite(loss, state, step, rank)
+        engine.backward(loss)
+        engine.step()
+        window_F2 += stats_F2
+        micro_index += 1
+        if micro_index % accum:
+            continue
+        state["step"] = step
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            record = progress.log(step, _all_sum(window_F2), engine.get_lr()[0])
+            state["history"].append(record)
+            window_F2.zero_()
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            _save(engine, state, cfg, spec, manifest, rank, final=step == cfg.train.steps)
+
+
+def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.device, bool]:
+    """(config, manifest, rank, device, on_gpu) of this worker; CPU threads set."""
+    cfg = PretrainConfig.model_validate(payload["config"])
+    manifest = Manifest.model_validate(payload["manifest"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(cfg.torch_threads())
+    return cfg, manifest, rank, device, on_gpu
+
+
+def restored_state(cfg: PretrainConfig, rank: int, load: Callable[[Path], None]) -> dict:
+    """The loop state of the latest checkpoint (after `load` restored the engines from its
+    folder), or a fresh one."""
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "last_checkpoint": 0, "resumes": [], "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag=TAG)
+            load(Path(folder))
             state = json.loads((Path(folder) / STATE).read_text())
         state["resumes"].append(state["step"])
         if rank == 0:
             log.info(f"[biglearn] resumed from step {state['step']}/{cfg.train.steps}")
-    start_step = state["step"]
+    return state
 
+
+def resumable_batches(cfg: PretrainConfig, manifest: Manifest, state: dict, device):
+    """Micro-batches of this worker's shard, epoch after epoch, from the data position in `state`
+    (which advances as they are taken) until state["step"] reaches the run's steps."""
     shard = ray.train.get_dataset_shard("train")
-    micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
-    progress = Progress(cfg.train.steps, start_step, cfg.optim.batch_size, enabled=rank == 0)
-    window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
-    micro_index = 0
-    while state["step"] < cfg.train.steps:
+    while True:
         batches = micro_batches(
-            shard, micro, fetch_rows(manifest, cfg.data.fetch_bytes), cfg.data.shuffle_buffer,
+            shard, cfg.micro_batch_size, fetch_rows(manifest, cfg.data.fetch_bytes), cfg.data.shuffle_buffer,
             cfg.train.seed + state["epoch"], device,
         )
-        for index, values_BL in enumerate(batches):
+        for index, values in enumerate(batches):
+            if state["step"] >= cfg.train.steps:
+                return
             if index < state["batches_in_epoch"]:
                 continue  # resuming mid-epoch: these were consumed before the checkpoint
             state["batches_in_epoch"] = index + 1
-            step = state["step"] + 1
-            _inject_faults(cfg, rank, step, micro_index % accum == 0)
-            values_BL = values_BL.long()
-            generator = _generator(device, task_seed(cfg.train.seed, step * accum + micro_index % accum, rank, cfg.schedule))
-            roles_BL, family_B = sample_roles(cfg.schedule, micro, manifest.length, generator, manifest.grid)
-            with autocast(device, cfg.train.precision):
-                logits_BLV = engine(values_BL, roles_BL)
-            loss, stats_F2 = big_learning_loss(logits_BLV, values_BL, roles_BL, family_B, cfg.optim.weighting)
-            if _fault_due(cfg, rank, step, "nan_loss"):
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):
-                last = state["last_checkpoint"]
-                kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was saved yet"
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at step {step} on rank {rank}: the run stops here and "
-                    f"{kept}; lower optim.lr or raise optim.warmup_steps, then run again"
-                )
-            engine.backward(loss)
-            engine.step()
-            window_F2 += stats_F2
-            micro_index += 1
-            if micro_index % accum:
-                continue
-            state["step"] = step
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                record = progress.log(step, _all_sum(window_F2), engine.get_lr()[0])
-                state["history"].append(record)
-                window_F2.zero_()
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _save(engine, state, cfg, spec, manifest, rank, final=step == cfg.train.steps)
-            if step == cfg.train.steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
+            yield values
+        state["epoch"] += 1
+        state["batches_in_epoch"] = 0
+
+
+def check_finite(loss: torch.Tensor, state: dict, step: int, rank: int) -> None:
+    if not torch.isfinite(loss):
+        last = state["last_checkpoint"]
+        kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was saved yet"
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at step {step} on rank {rank}: the run stops here and "
+            f"{kept}; lower optim.lr or raise optim.warmup_steps, then run again"
+        )
 
 
 def fetch_rows(manifest: Manifest, fetch_bytes: int) -> int:
@@ -136,14 +156,24 @@ def micro_batches(shard, micro: int, fetch_rows: int, shuffle_buffer: int | None
 
 
 def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool):
-    step = state["last_checkpoint"] = state["step"]
     weights = full_state_dict(engine) if final else None  # a collective under ZeRO-3
+
+    def save(folder: Path) -> None:
+        engine.save_checkpoint(str(folder), tag=TAG)
+        if rank == 0 and final:
+            write_export(folder / EXPORT, weights, spec, manifest.model_dump(mode="json"), cfg.to_json())
+
+    report_checkpoint(state, rank, save)
+
+
+def report_checkpoint(state: dict, rank: int, save: Callable[[Path], None]) -> None:
+    """Every rank saves (`save` into a fresh folder: DeepSpeed saves are collectives) and reports
+    the checkpoint of state["step"]; rank 0 adds the loop state."""
+    step = state["last_checkpoint"] = state["step"]
     with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=TAG)
+        save(Path(folder))
         if rank == 0:
             (Path(folder) / STATE).write_text(json.dumps(state))
-            if final:
-                write_export(Path(folder) / EXPORT, weights, spec, manifest.model_dump(mode="json"), cfg.to_json())
         metrics = {"step": step, **({"loss": state["history"][-1]["loss"]} if state["history"] else {})}
         ray.train.report(
             metrics,

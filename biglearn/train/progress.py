@@ -17,8 +17,10 @@ class Progress:
         self.total, self.batch_size, self.enabled, self.now = total_steps, batch_size, enabled, now
         self.last_step, self.last_time = start_step, now()
 
-    def log(self, step: int, stats_F2: torch.Tensor, lr: float) -> dict:
-        """Prints one progress line for the window since the last call; returns it as a record."""
+    def log(self, step: int, stats_F2: torch.Tensor, lr: float, extra: dict[str, float] | None = None) -> dict:
+        """Prints one progress line for the window since the last call; returns it as a record.
+
+        `extra`: further named window means (the GAN's critic loss and R1), printed after the loss."""
         elapsed = max(self.now() - self.last_time, 1e-9)
         samples_per_s = (step - self.last_step) * self.batch_size / elapsed
         eta_s = (self.total - step) * elapsed / max(step - self.last_step, 1)
@@ -30,12 +32,14 @@ class Progress:
             "families": family_means(stats_F2.cpu()),
             "samples_per_s": samples_per_s,
             "lr": lr,
+            **(extra or {}),
         }
         if self.enabled:
             families = " ".join(f"{name} {value:.3f}" for name, value in record["families"].items())
+            extras = "".join(f" | {name} {value:.4f}" for name, value in (extra or {}).items())
             log.info(
                 f"[biglearn] step {step}/{self.total} ({100 * step / self.total:.0f}%) | "
-                f"loss {record['loss']:.4f} | {families} | {samples_per_s:.0f} samples/s | "
+                f"loss {record['loss']:.4f}{extras} | {families} | {samples_per_s:.0f} samples/s | "
                 f"lr {lr:.2e} | ETA {_duration(eta_s)}"
             )
         return record

@@ -21,6 +21,7 @@ from biglearn.data.storage import StorageError, check_bucket, forwarded_env, joi
 from biglearn.train.config import ClusterConfig, PretrainConfig
 from biglearn.train.engine import cpu_bf16
 from biglearn.train.evaluate import evaluate_export
+from biglearn.train.gan_loop import gan_loop_per_worker
 from biglearn.train.loop import EXPORT, STATE, train_loop_per_worker
 
 
@@ -38,15 +39,13 @@ class Outcome:
 def prepare_data(cfg: PretrainConfig) -> Manifest:
     """Returns the verified manifest, writing the embedded dataset first if asked and absent."""
     uri = cfg.data.path
-    if cfg.data.embedded == "digits":
-        ensure_digits(uri)
+    if cfg.data.embedded is not None:
+        ensure_digits(uri, continuous=cfg.data.embedded == "digits-patches")
     manifest = read_manifest(uri)
     hashed = verify_shards(uri, manifest, [cfg.data.train_split, cfg.data.validation_split], cfg.data.verify_max_bytes)
     total = len(manifest.split(cfg.data.train_split)) + len(manifest.split(cfg.data.validation_split))
     print(f"[biglearn] dataset {manifest.name} at {uri}: {total} shard(s) present with the manifest's sizes, "
           f"{hashed} hashed and checked", flush=True)
-    if manifest.kind != "discrete":
-        raise DatasetError(f"{uri} holds {manifest.kind} data; maximum-likelihood pretraining needs discrete tokens")
     rows, needed = manifest.rows(cfg.data.train_split), cfg.micro_batch_size * cfg.cluster.num_workers
     if rows < needed:
         raise DatasetError(
@@ -93,8 +92,10 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
     if sum(shard.bytes for shard in manifest.split(cfg.data.train_split)) <= cfg.data.materialize_max_bytes:
         # Small data: read it once into the object store rather than re-reading files every epoch.
         train_data = train_data.materialize()
+    # Maximum likelihood needs tokens; continuous data (patches, numeric columns) trains a BigLearn-GAN.
+    loop = gan_loop_per_worker if manifest.kind == "continuous" else train_loop_per_worker
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"config": cfg.to_json(), "manifest": manifest.model_dump(mode="json")},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -111,7 +112,7 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
         datasets={"train": train_data},
     )
     print(
-        f"[biglearn] run {cfg.run.name}: {cfg.train.steps} steps, {cfg.cluster.num_workers} worker(s), "
+        f"[biglearn] run {cfg.run.name}: {'BigLearn-GAN, ' if manifest.kind == 'continuous' else ''}{cfg.train.steps} steps, {cfg.cluster.num_workers} worker(s), "
         f"{_precision(use_gpu, cfg.train.precision)}, ZeRO-{cfg.cluster.zero_stage}; storage {storage}",
         flush=True,
     )

@@ -45,6 +45,16 @@ def tiny_config(data: str, storage: str | Path, name: str, *extra: str) -> Pretr
 
 
 @pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for one test module (training tests start TorchTrainers on it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("data") / "digits")
     ensure_digits(path)

@@ -25,15 +25,6 @@ import pretrain as pretrain_job  # noqa: E402
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def logged_steps(run_folder: str) -> list[int]:
     return [json.loads(line)["step"] for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
 
