@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -61,11 +62,12 @@ def train_loop_per_worker(payload: dict) -> None:
         state["resumes"].append(state["step"])
         if rank == 0:
             log.info(f"[biglearn] resumed from step {state['step']}/{cfg.train.steps}")
+    state.setdefault("placements", []).append(_node_ids_by_rank())
     start_step = state["step"]
 
     shard = ray.train.get_dataset_shard("train")
     micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
-    progress = Progress(cfg.train.steps, start_step, cfg.optim.batch_size, enabled=rank == 0)
+    progress = Progress(cfg.train.steps, start_step, cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name)
     window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
     micro_index = 0
     while state["step"] < cfg.train.steps:
@@ -154,6 +156,16 @@ def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: M
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _node_ids_by_rank() -> list[str]:
+    """The Ray node id of every rank, in rank order: where this attempt of the run was placed."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [node_id]
+    node_ids = [None] * dist.get_world_size()
+    dist.all_gather_object(node_ids, node_id)
+    return node_ids
 
 
 def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
