@@ -234,9 +234,16 @@ def _environ(process: psutil.Process) -> dict[str, str]:
         return {}
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _wait_gone(pids: list[int], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids):
+    while any(_running(pid) for pid in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
@@ -265,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         cluster.down()
         print(f"[local-cluster] stopped {len(cluster.nodes)} node(s); logs stay under {cluster.temp_dir}")
         return 0
-    alive = [node.name for node in cluster.nodes if psutil.pid_exists(node.pid)]
+    alive = [node.name for node in cluster.nodes if _running(node.pid)]
     print(f"[local-cluster] {len(alive)}/{len(cluster.nodes)} node(s) running: {', '.join(alive)}; token auth on")
     env = " ".join(f"{key}={value}" for key, value in cluster.env().items())
     print(f"  export {env}\n  export RAY_ADDRESS={cluster.dashboard_url}   # Jobs API and dashboard")
     print("  ray job submit --working-dir . -- python jobs/pretrain.py "
           f"--set cluster.num_workers={len(cluster.nodes) - 1} --set run.storage=$PWD/runs")
-    print(f"  metrics: " + ", ".join(f"{n.name} http://{HOST}:{n.metrics_port}/metrics" for n in cluster.nodes))
+    print("  metrics: " + ", ".join(f"{n.name} http://{HOST}:{n.metrics_port}/metrics" for n in cluster.nodes))
     print(f"  logs: {cluster.temp_dir}/session_latest/logs; stop: python cluster/local.py down --state-dir {args.state_dir}")
     return 0
 

@@ -34,7 +34,7 @@ STEP_LINE = re.compile(r"\[biglearn\] step (\d+)/")
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     started = time.monotonic()
-    cluster = LocalCluster.up(tmp_path_factory.mktemp("local-cluster"), workers=3, object_store_mb=150, timeout_s=240)
+    cluster = LocalCluster.up(tmp_path_factory.mktemp("local-cluster"), workers=3, object_store_mb=150, timeout_s=600)
     print(f"\n[test] local cluster up (head + 3 workers) in {time.monotonic() - started:.0f} s")
     yield cluster
     cluster.down()
@@ -107,12 +107,13 @@ def test_lost_worker_node_resumes_on_the_others_from_last_committed_checkpoint(c
     victim = worker_node_of_a_train_worker(cluster)
     cluster.kill_node(victim.name)
     lost_at = time.monotonic()
-    last_committed = committed_steps()[-1]
+    committed_at_loss = committed_steps()[-1]
     steps_before = len(logged_steps())
-    assert last_committed < steps, "the run ended before the node was lost; make it longer"
-    # What a save interrupted by the loss leaves: the next step's folder, never committed, with a
-    # state that claims that step and a truncated DeepSpeed shard.
-    plant_half_written_checkpoint(run, last_committed, last_committed + every)
+    assert committed_at_loss < steps, "the run ended before the node was lost; make it longer"
+    # A save cut short leaves a step folder Ray never committed: here one beyond any save that
+    # can have been in flight, with a state claiming that step and a truncated DeepSpeed shard.
+    half_written = committed_at_loss + 2 * every
+    plant_half_written_checkpoint(run, committed_at_loss, half_written)
 
     resumed_in = None
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -125,12 +126,18 @@ def test_lost_worker_node_resumes_on_the_others_from_last_committed_checkpoint(c
         time.sleep(0.25)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert f"resumed from step {last_committed}/{steps}" in logs
-    print(f"\n[test] node {victim.name} lost at step {max(logged_steps()[:steps_before])} (last committed "
-          f"checkpoint {last_committed}); training progressed again {resumed_in:.1f} s later")
-
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["train"] == {"final_step": steps, "resumes": [last_committed]}
+    [resumed] = summary["train"]["resumes"]
+    # The last committed checkpoint: the one seen at the loss, or the next if both ranks had
+    # reported it just before; never the half-written folder.
+    assert resumed in (committed_at_loss, committed_at_loss + every) and resumed != half_written
+    assert f"resumed from step {resumed}/{steps}" in logs
+    assert resumed_in is not None, "no training progress was seen after the restart"
+    print(f"\n[test] node {victim.name} lost at step {max(STEP_LINE.findall(logs)[:steps_before], key=int)} "
+          f"(last committed checkpoint {committed_at_loss}, resumed from {resumed}); training progressed "
+          f"again {resumed_in:.1f} s after the loss")
+
+    assert summary["train"]["final_step"] == steps
     first, second = summary["placements"]
     assert victim.node_id in first and victim.node_id not in second
     assert len(set(second)) == 2
