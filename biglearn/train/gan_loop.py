@@ -75,7 +75,7 @@ def gan_loop_per_worker(payload: dict) -> None:
     state = restored_state(cfg, rank, load)
     micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
     L, P = manifest.length, manifest.patch_dim
-    progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0)
+    progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name)
     window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
     critic_3 = torch.zeros(3, device=device)  # sums of adversarial loss and R1, and examples
     micro_index = 0

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -47,7 +48,7 @@ def train_loop_per_worker(payload: dict) -> None:
     state = restored_state(cfg, rank, lambda folder: engine.load_checkpoint(str(folder), tag=TAG))
 
     micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
-    progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0)
+    progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name)
     window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
     micro_index = 0
     for values_BL in resumable_batches(cfg, manifest, state, device):
@@ -101,6 +102,7 @@ def restored_state(cfg: PretrainConfig, rank: int, load: Callable[[Path], None])
         state["resumes"].append(state["step"])
         if rank == 0:
             log.info(f"[biglearn] resumed from step {state['step']}/{cfg.train.steps}")
+    state.setdefault("placements", []).append(_node_ids_by_rank())
     return state
 
 
@@ -184,6 +186,16 @@ def report_checkpoint(state: dict, rank: int, save: Callable[[Path], None]) -> N
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _node_ids_by_rank() -> list[str]:
+    """The Ray node id of every rank, in rank order: where this attempt of the run was placed."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [node_id]
+    node_ids = [None] * dist.get_world_size()
+    dist.all_gather_object(node_ids, node_id)
+    return node_ids
 
 
 def _all_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""What a person watching `ray job logs` sees: step/total, loss per task family, samples/s, ETA."""
+"""What a person watching `ray job logs` sees (step/total, loss per task family, samples/s, ETA)
+and what Prometheus scrapes from rank 0's node (TRAIN_METRICS, via Ray's metrics agent)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,31 @@ import logging
 import time
 
 import torch
+from ray.util.metrics import Gauge
 
 from biglearn.objectives import family_means
 
 log = logging.getLogger("biglearn")
 
+# Exported as ray_<name> on the metrics port of the node running rank 0, tagged with the run name.
+TRAIN_METRICS = {
+    "biglearn_train_step": "optimizer steps done",
+    "biglearn_train_total_steps": "optimizer steps the run is configured for",
+    "biglearn_train_loss": "mean loss over the last logging window (all ranks)",
+    "biglearn_train_samples_per_second": "training throughput over the last logging window",
+    "biglearn_train_learning_rate": "current learning rate",
+}
+
 
 class Progress:
-    def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool, now=time.monotonic):
+    def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool, run: str = "",
+                 now=time.monotonic):
         self.total, self.batch_size, self.enabled, self.now = total_steps, batch_size, enabled, now
         self.last_step, self.last_time = start_step, now()
+        self.gauges = _gauges(run) if enabled and run else None
+        if self.gauges:
+            self.gauges["biglearn_train_total_steps"].set(total_steps)
+            self.gauges["biglearn_train_step"].set(start_step)
 
     def log(self, step: int, stats_F2: torch.Tensor, lr: float, extra: dict[str, float] | None = None) -> dict:
         """Prints one progress line for the window since the last call; returns it as a record.
@@ -42,7 +58,18 @@ class Progress:
                 f"loss {record['loss']:.4f}{extras} | {families} | {samples_per_s:.0f} samples/s | "
                 f"lr {lr:.2e} | ETA {_duration(eta_s)}"
             )
+        if self.gauges:
+            for name, value in [("biglearn_train_step", step), ("biglearn_train_loss", record["loss"]),
+                                ("biglearn_train_samples_per_second", samples_per_s), ("biglearn_train_learning_rate", lr)]:
+                self.gauges[name].set(value)
         return record
+
+
+def _gauges(run: str) -> dict:
+    gauges = {name: Gauge(name, description=text, tag_keys=("run",)) for name, text in TRAIN_METRICS.items()}
+    for gauge in gauges.values():
+        gauge.set_default_tags({"run": run})
+    return gauges
 
 
 def _duration(seconds: float) -> str:

@@ -129,6 +129,8 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
         summary = evaluate_export(export, cfg.data.path, manifest, cfg.data.validation_split, cfg.eval, cfg.train.precision)
         state = json.loads((Path(folder) / STATE).read_text())
         summary["train"] = {"final_step": state["step"], "resumes": state["resumes"]}
+        # Ray node id of each rank, for the first start and every restart after it.
+        summary["placements"] = state.get("placements", [])
         (Path(staging) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
         (Path(staging) / "summary.json").write_text(json.dumps(summary, indent=2))
         fs.delete_dir_contents(join(run_root, EXPORT), missing_dir_ok=True)

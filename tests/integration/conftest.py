@@ -20,7 +20,12 @@ from biglearn.train.config import PretrainConfig
 
 def tiny_config(data: str, storage: str | Path, name: str, *extra: str) -> PretrainConfig:
     """A two-worker ZeRO-2 run small enough for a 2-core machine."""
-    overrides = [
+    return load_config(PretrainConfig, None, tiny_overrides(data, storage, name, *extra))
+
+
+def tiny_overrides(data: str, storage: str | Path, name: str, *extra: str) -> list[str]:
+    """tiny_config's `--set` items, e.g. for `ray job submit -- python jobs/pretrain.py`."""
+    return [
         f"data.path={data}",
         f"run.storage={storage}",
         f"run.name={name}",
@@ -41,7 +46,6 @@ def tiny_config(data: str, storage: str | Path, name: str, *extra: str) -> Pretr
         "eval.num_shown=4",
         *extra,
     ]
-    return load_config(PretrainConfig, None, overrides)
 
 
 @pytest.fixture(scope="module")
