@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 # torch first, from this machine's package index: a CPU build where there is no GPU. DeepSpeed
 # (an sdist that builds against the installed torch) comes after it, with the package.
 TORCH ?= torch==2.13.0
+# DeepSpeed compiles a CPU op on first use into this cache. One per checkout: a build killed
+# mid-way leaves a lock file that makes every later build (and so every training worker) wait
+# forever, and checkouts with different venvs would otherwise keep rebuilding it for each other.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup pretrain test
 
