@@ -18,7 +18,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from biglearn.data.manifest import Manifest
+from biglearn.data.manifest import Manifest, read_split
 from biglearn.data.storage import join, resolve
 from biglearn.export import write_export
 from biglearn.model import ModelSpec, UniversalTransformer
@@ -26,6 +26,7 @@ from biglearn.objectives import big_learning_loss
 from biglearn.roles import FAMILIES, sample_roles, task_seed
 from biglearn.train.config import Fault, PretrainConfig
 from biglearn.train.engine import TAG, autocast, build_engine, full_state_dict
+from biglearn.train.evaluate import checkpoint_panel
 from biglearn.train.progress import Progress, log
 
 STATE = "train_state.json"
@@ -62,6 +63,10 @@ def train_loop_per_worker(payload: dict) -> None:
         if rank == 0:
             log.info(f"[biglearn] resumed from step {state['step']}/{cfg.train.steps}")
     start_step = state["step"]
+    panel_values_BL = None
+    if rank == 0 and cfg.eval.checkpoint_panel_examples:
+        values = read_split(cfg.data.path, manifest, cfg.data.validation_split)["values"]
+        panel_values_BL = torch.from_numpy(values[: cfg.eval.checkpoint_panel_examples]).long()
 
     shard = ray.train.get_dataset_shard("train")
     micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
@@ -106,7 +111,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 state["history"].append(record)
                 window_F2.zero_()
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _save(engine, state, cfg, spec, manifest, rank, final=step == cfg.train.steps)
+                _save(engine, state, cfg, spec, manifest, rank, step == cfg.train.steps, panel_values_BL)
             if step == cfg.train.steps:
                 break
         else:
@@ -135,9 +140,11 @@ def micro_batches(shard, micro: int, fetch_rows: int, shuffle_buffer: int | None
             yield values[first : first + micro]
 
 
-def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool):
+def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool,
+          panel_values_BL: torch.Tensor | None):
     step = state["last_checkpoint"] = state["step"]
-    weights = full_state_dict(engine) if final else None  # a collective under ZeRO-3
+    scored = cfg.eval.checkpoint_panel_examples is not None
+    weights = full_state_dict(engine) if final or scored else None  # a collective under ZeRO-3
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=TAG)
         if rank == 0:
@@ -145,6 +152,9 @@ def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: M
             if final:
                 write_export(Path(folder) / EXPORT, weights, spec, manifest.model_dump(mode="json"), cfg.to_json())
         metrics = {"step": step, **({"loss": state["history"][-1]["loss"]} if state["history"] else {})}
+        if panel_values_BL is not None:
+            # Reported with the checkpoint: Train V2 keeps only metrics that come with one.
+            metrics.update(checkpoint_panel(weights, spec, panel_values_BL, cfg.eval.panel_steps, cfg.train.precision))
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),

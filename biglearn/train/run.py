@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def connect(cluster: ClusterConfig) -> None:
         ray.init(address=cluster.address, runtime_env={"env_vars": forwarded_env()})
 
 
-def pretrain(cfg: PretrainConfig) -> Outcome:
+def pretrain(cfg: PretrainConfig, callbacks: Sequence[ray.train.UserCallback] = ()) -> Outcome:
+    """Trains (or resumes) `cfg.run.name`, then exports and evaluates it. `callbacks` see every
+    report (a sweep's trial passes Tune's, which forwards rank 0's metrics to Tune)."""
     try:
         check_bucket(cfg.run.storage)
     except StorageError as exc:
@@ -107,6 +110,7 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
         datasets={"train": train_data},
     )
