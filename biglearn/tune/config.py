@@ -104,6 +104,8 @@ class SweepConfig(Config):
     resources: TrialResources = TrialResources()
     address: str | None = None
     """Ray address to join; null joins RAY_ADDRESS if set, else starts a local Ray."""
+    worker_start_timeout_s: float = Field(900.0, gt=0)
+    """How long a trial's Train run waits for its workers to start (nodes being added included)."""
     max_trial_failures: int = Field(1, ge=0)
     """Times a failed trial is retried (it resumes its Train run from its last checkpoint)."""
     progress_every_s: float = Field(30.0, gt=0)

@@ -62,7 +62,10 @@ def run_sweep(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], Non
     tasks = panel_tasks(manifest.length, manifest.grid)
     if sweep.objective != "mean" and sweep.objective not in tasks:
         raise ConfigError(f"objective {sweep.objective!r} is not a panel task of this data; use mean or one of {', '.join(tasks)}")
-    connect(base.cluster.model_copy(update={"address": sweep.address}))
+    # Ray Train's default 60 s wait for a worker group restarts over and over while an autoscaler
+    # boots nodes (minutes) or a busy machine starts worker processes.
+    connect(base.cluster.model_copy(update={"address": sweep.address}),
+            env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(sweep.worker_start_timeout_s)})
     folder = sweep_folder(sweep)
     trainable = tune.with_resources(
         tune.with_parameters(

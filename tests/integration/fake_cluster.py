@@ -51,7 +51,10 @@ class FakeAutoscalingCluster:
         config = Path(self.temp_dir) / "autoscaling.json"
         config.write_text(json.dumps(self.config))
         ray = Path(sys.executable).parent / "ray"
-        env = {**os.environ, **self.env, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
+        # RAY_ADDRESS reaches every worker: Ray Train's placement-group cleaner looks its cluster
+        # up through the state API, which refuses to guess when other clusters run on the machine.
+        env = {**os.environ, **self.env, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
+               "RAY_ADDRESS": self.address}
         subprocess.run(
             [str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", "--num-cpus=0",
              f"--autoscaling-config={config}", f"--temp-dir={self.temp_dir}", "--object-store-memory=200000000",
