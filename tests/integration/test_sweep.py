@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from tests.integration.fake_cluster import FakeAutoscalingCluster
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "jobs"))
-import pretrain as pretrain_job  # noqa: E402
 import sweep as sweep_job  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -71,24 +69,24 @@ def test_bad_search_space_is_refused_before_any_trial(tmp_path, digits, capsys, 
     assert not (tmp_path / "sweeps").exists(), "nothing may start or be written for a space that cannot run"
 
 
-class NodeCounter(threading.Thread):
-    """Samples the cluster's alive node count every second: [(seconds, nodes)]."""
+NODE_RECORDER = """
+import sys, time, ray
+ray.init(address=sys.argv[1])
+start = time.monotonic()
+while True:
+    print(round(time.monotonic() - start, 1), sum(1 for node in ray.nodes() if node["Alive"]), flush=True)
+    time.sleep(1)
+"""
 
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.samples: list[tuple[float, int]] = []
-        self.start_time, self.stopped = time.monotonic(), threading.Event()
 
-    def run(self):
-        import ray
-
-        while not self.stopped.is_set():
-            alive = sum(1 for node in ray.nodes() if node["Alive"])
-            self.samples.append((round(time.monotonic() - self.start_time, 1), alive))
-            time.sleep(1)
-
-    def changes(self) -> list[tuple[float, int]]:
-        return [s for i, s in enumerate(self.samples) if i == 0 or s[1] != self.samples[i - 1][1]]
+def node_counts(path: Path) -> list[tuple[float, int]]:
+    """(seconds, alive nodes) as sampled every second by the recorder process."""
+    samples = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            samples.append((float(parts[0]), int(parts[1])))
+    return samples
 
 
 def terminated_trials(folder: Path) -> set[str]:
@@ -116,23 +114,22 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 1.0):
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, digits, monkeypatch):
-    import ray
-
+def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, digits):
     cluster = FakeAutoscalingCluster(worker_cpus=1, max_workers=2, idle_timeout_s=5).start()
-    for key, value in cluster.env.items():
-        monkeypatch.setenv(key, value)
-    counter = NodeCounter()
+    # Ray reads the auth settings once per process: everything talking to this cluster is a
+    # subprocess started with them.
+    env = {**os.environ, **cluster.env}
+    counts = tmp_path / "nodes.txt"
+    recorder = subprocess.Popen([sys.executable, "-c", NODE_RECORDER, cluster.address], env=env,
+                                stdout=open(counts, "w"), stderr=subprocess.DEVNULL)
     try:
-        ray.init(address=cluster.address)
-        counter.start()
         config = sweep_config(tmp_path / "sweep.yaml", digits, address=cluster.address)
         command = [sys.executable, str(REPO / "jobs/sweep.py"), "--config", str(config)]
         folder = tmp_path / "sweeps" / "tiny"
 
         # --- first attempt: killed once Tune has saved a finished trial ---
         with open(tmp_path / "first.log", "w") as log:
-            first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
             # A trial ASHA stopped is TERMINATED too; wait for one that ran all its steps.
             finished = wait_for(
                 lambda: [t for t in terminated_trials(folder) if (folder / "runs" / f"trial-{t}" / "summary.json").exists()],
@@ -147,7 +144,7 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
         assert kept_checkpoints, f"finished trial {kept} left no checkpoints in {kept_run}"
 
         # --- the same command again: resumes ---
-        second = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
+        second = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)
         (tmp_path / "second.log").write_text(second.stdout + second.stderr)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert "resuming" in second.stdout
@@ -171,19 +168,23 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
         # --- scale-up while trials waited, scale-down after the sweep ---
-        wait_for(lambda: counter.samples[-1][1] == 1, 60, "idle worker nodes to be removed")
-        counter.stopped.set()
-        print("node counts (seconds, alive nodes) at each change:", counter.changes())
-        assert max(n for _, n in counter.samples) == 3  # head + the 2 workers allowed
-        assert counter.samples[-1][1] == 1
+        wait_for(lambda: node_counts(counts)[-1][1] == 1, 120, "idle worker nodes to be removed")
+        samples = node_counts(counts)
+        changes = [s for i, s in enumerate(samples) if i == 0 or s[1] != samples[i - 1][1]]
+        print("node counts (seconds, alive nodes) at each change:", changes)
+        assert max(n for _, n in samples) == 3  # head + the 2 workers allowed
+        assert samples[-1][1] == 1
 
         # --- the best schedule is a ready-to-run pretraining recipe ---
         best_yaml = results / "best.yaml"
         assert yaml.safe_load(best_yaml.read_text())["optim"]["lr"] == 3e-3
-        assert pretrain_job.main(["--config", str(best_yaml), "--set", "train.steps=4",
-                                  "--set", f"run.storage={tmp_path / 'best'}"]) == 0
+        trained = subprocess.run(
+            [sys.executable, str(REPO / "jobs/pretrain.py"), "--config", str(best_yaml), "--set", "train.steps=4",
+             "--set", f"run.storage={tmp_path / 'best'}"],
+            capture_output=True, text=True, cwd=REPO, env={**env, "RAY_ADDRESS": cluster.address}, timeout=1200,
+        )
+        assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
         assert (tmp_path / "best" / "tiny-best" / "export" / "model.safetensors").exists()
     finally:
-        counter.stopped.set()
-        ray.shutdown()
+        recorder.kill()
         cluster.stop()
