@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from tests.integration.conftest import wait_for
 from tests.integration.fake_cluster import FakeAutoscalingCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,16 +104,6 @@ def terminated_trials(folder: Path) -> set[str]:
     return done
 
 
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
 def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, digits):
     cluster = FakeAutoscalingCluster(worker_cpus=1, max_workers=2, idle_timeout_s=5).start()
     # Ray reads the auth settings once per process: everything talking to this cluster is a
@@ -133,7 +123,7 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
             # A trial ASHA stopped is TERMINATED too; wait for one that ran all its steps.
             finished = wait_for(
                 lambda: [t for t in terminated_trials(folder) if (folder / "runs" / f"trial-{t}" / "summary.json").exists()],
-                1200, "a trial that ran all its steps in the saved sweep state", poll_s=2,
+                1200, "a trial that ran all its steps in the saved sweep state", every_s=2,
             )
             first.send_signal(signal.SIGKILL)
             first.wait(30)
