@@ -122,7 +122,7 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
             first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
             # A trial ASHA stopped is TERMINATED too; wait for one that ran all its steps.
             finished = wait_for(
-                lambda: [t for t in terminated_trials(folder) if (folder / "runs" / f"trial-{t}" / "summary.json").exists()],
+                lambda: [t for t in terminated_trials(folder) if (folder / "runs" / f"trial-{t}" / "step-00000008").exists()],
                 1200, "a trial that ran all its steps in the saved sweep state", every_s=2,
             )
             first.send_signal(signal.SIGKILL)
@@ -130,7 +130,7 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
         kept = finished[0]
         kept_run = folder / "runs" / f"trial-{kept}"
         kept_checkpoints = sorted(p.name for p in kept_run.glob("step-*"))
-        kept_summary = (kept_run / "summary.json").stat().st_mtime_ns
+        kept_snapshot = (kept_run / "checkpoint_manager_snapshot.json").read_bytes()
         assert kept_checkpoints, f"finished trial {kept} left no checkpoints in {kept_run}"
 
         # --- the same command again: resumes ---
@@ -138,9 +138,9 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
         (tmp_path / "second.log").write_text(second.stdout + second.stderr)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert "resuming" in second.stdout
-        # The finished trial was not re-run: no new checkpoints, its export untouched.
+        # The finished trial was not re-run: its Train run has the same checkpoints and record.
         assert sorted(p.name for p in kept_run.glob("step-*")) == kept_checkpoints
-        assert (kept_run / "summary.json").stat().st_mtime_ns == kept_summary
+        assert (kept_run / "checkpoint_manager_snapshot.json").read_bytes() == kept_snapshot
 
         # --- results ---
         results = folder / "results"
