@@ -66,11 +66,13 @@ class FakeAutoscalingCluster:
         return self
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this cluster: those naming its temp dir, and their descendants."""
+        """Every process of this cluster: those naming its temp dir or its GCS port (the Ray client
+        server names only the port), and their descendants."""
         roots = []
         mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
         for proc in psutil.process_iter(["cmdline"]):
-            if proc.pid not in mine and any(self.temp_dir in part for part in proc.info["cmdline"] or []):
+            if proc.pid not in mine and any(self.temp_dir in part or part.endswith(f":{self.port}")
+                                            for part in proc.info["cmdline"] or []):
                 roots.append(proc)
         found = {p.pid: p for p in roots}
         for root in roots:
