@@ -92,6 +92,9 @@ class EvalConfig(Config):
     panel_steps: PositiveInt = 4
     panel_examples: PositiveInt | None = None
     """Validation examples the panel scores (null: all)."""
+    checkpoint_panel_examples: PositiveInt | None = None
+    """Also score the panel at every checkpoint, on rank 0, on the first this many validation
+    examples, and report it with the checkpoint (sweeps' intermediate objective); null: off."""
     decode_steps: PositiveInt = 16
     order: Order = "confidence"
     temperature: float = Field(0.7, ge=0)

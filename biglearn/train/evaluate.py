@@ -17,6 +17,7 @@ from biglearn.data.digits import NAME as DIGITS, DigitsQuality
 from biglearn.data.manifest import Manifest, read_split
 from biglearn.export import load_export
 from biglearn.gan import generate
+from biglearn.model import ModelSpec, UniversalTransformer
 from biglearn.panel import evaluate_panel, generator_panel
 from biglearn.roles import TARGET
 from biglearn.simulate.modes import sample_coverage
@@ -32,6 +33,16 @@ def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str,
     """Writes panel.json into the export (and completions.png beside it for image data)."""
     with autocast(torch.device("cpu"), precision):
         return _evaluate(export, data_uri, manifest, split, cfg)
+
+
+def checkpoint_panel(weights: dict[str, torch.Tensor], spec: ModelSpec, values_BL: torch.Tensor, steps: int, precision: str) -> dict[str, float]:
+    """{"panel_<task>": NLL, ..., "panel_mean": their mean} of these weights on `values_BL`,
+    scored on a copy of the model so the training engine's state is not touched."""
+    model = UniversalTransformer(spec)
+    model.load_state_dict(weights)
+    with autocast(torch.device("cpu"), precision):
+        scores = evaluate_panel(model, values_BL, spec.grid, steps=steps)
+    return {**{f"panel_{task}": nll for task, nll in scores.items()}, "panel_mean": sum(scores.values()) / len(scores)}
 
 
 def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:

@@ -20,7 +20,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from biglearn.data.manifest import Manifest
+from biglearn.data.manifest import Manifest, read_split
 from biglearn.data.storage import join, resolve
 from biglearn.export import write_export
 from biglearn.model import ModelSpec, UniversalTransformer
@@ -28,6 +28,7 @@ from biglearn.objectives import big_learning_loss
 from biglearn.roles import FAMILIES, sample_roles, task_seed
 from biglearn.train.config import Fault, PretrainConfig
 from biglearn.train.engine import TAG, autocast, build_engine, full_state_dict
+from biglearn.train.evaluate import checkpoint_panel
 from biglearn.train.progress import Progress, log
 
 STATE = "train_state.json"
@@ -46,6 +47,10 @@ def train_loop_per_worker(payload: dict) -> None:
     model.checkpoint_activations = cfg.train.activation_checkpointing
     engine = build_engine(model, cfg, on_gpu)
     state = restored_state(cfg, rank, lambda folder: engine.load_checkpoint(str(folder), tag=TAG))
+    panel_values_BL = None
+    if rank == 0 and cfg.eval.checkpoint_panel_examples:
+        values = read_split(cfg.data.path, manifest, cfg.data.validation_split)["values"]
+        panel_values_BL = torch.from_numpy(values[: cfg.eval.checkpoint_panel_examples]).long()
 
     micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
     progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name)
@@ -75,7 +80,7 @@ def train_loop_per_worker(payload: dict) -> None:
             state["history"].append(record)
             window_F2.zero_()
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _save(engine, state, cfg, spec, manifest, rank, final=step == cfg.train.steps)
+            _save(engine, state, cfg, spec, manifest, rank, step == cfg.train.steps, panel_values_BL)
 
 
 def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.device, bool]:
@@ -157,26 +162,32 @@ def micro_batches(shard, micro: int, fetch_rows: int, shuffle_buffer: int | None
             yield values[first : first + micro]
 
 
-def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool):
-    weights = full_state_dict(engine) if final else None  # a collective under ZeRO-3
+def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool,
+          panel_values_BL: torch.Tensor | None):
+    scored = cfg.eval.checkpoint_panel_examples is not None
+    weights = full_state_dict(engine) if final or scored else None  # a collective under ZeRO-3
 
     def save(folder: Path) -> None:
         engine.save_checkpoint(str(folder), tag=TAG)
         if rank == 0 and final:
             write_export(folder / EXPORT, weights, spec, manifest.model_dump(mode="json"), cfg.to_json())
 
-    report_checkpoint(state, rank, save)
+    scores = {}
+    if panel_values_BL is not None:
+        scores = checkpoint_panel(weights, spec, panel_values_BL, cfg.eval.panel_steps, cfg.train.precision)
+    report_checkpoint(state, rank, save, scores)
 
 
-def report_checkpoint(state: dict, rank: int, save: Callable[[Path], None]) -> None:
+def report_checkpoint(state: dict, rank: int, save: Callable[[Path], None], scores: dict[str, float] | None = None) -> None:
     """Every rank saves (`save` into a fresh folder: DeepSpeed saves are collectives) and reports
-    the checkpoint of state["step"]; rank 0 adds the loop state."""
+    the checkpoint of state["step"]; rank 0 adds the loop state. `scores` are reported with it
+    (Train V2 keeps only metrics that come with a checkpoint): a sweep's intermediate objective."""
     step = state["last_checkpoint"] = state["step"]
     with tempfile.TemporaryDirectory() as folder:
         save(Path(folder))
         if rank == 0:
             (Path(folder) / STATE).write_text(json.dumps(state))
-        metrics = {"step": step, **({"loss": state["history"][-1]["loss"]} if state["history"] else {})}
+        metrics = {"step": step, **({"loss": state["history"][-1]["loss"]} if state["history"] else {}), **(scores or {})}
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def prepare_data(cfg: PretrainConfig) -> Manifest:
     return manifest
 
 
-def connect(cluster: ClusterConfig) -> None:
-    """Joins the configured (or RAY_ADDRESS) cluster, else starts a local one."""
+def connect(cluster: ClusterConfig, env: dict[str, str] | None = None) -> None:
+    """Joins the configured (or RAY_ADDRESS) cluster, else starts a local one; `env` is set in
+    every worker of this job (with the forwarded S3 settings)."""
     if os.environ.get("RAY_TRAIN_V2_ENABLED") == "0":
         raise PretrainError("RAY_TRAIN_V2_ENABLED=0 selects Ray Train V1; biglearn needs Train V2: unset it")
     context = ray.data.DataContext.get_current()
@@ -69,10 +71,12 @@ def connect(cluster: ClusterConfig) -> None:
     if not ray.is_initialized():
         # address None: RAY_ADDRESS if set, else a new local Ray. Workers on other nodes need the
         # same S3 endpoint/region settings as this driver (credentials come from their own chain).
-        ray.init(address=cluster.address, runtime_env={"env_vars": forwarded_env()})
+        ray.init(address=cluster.address, runtime_env={"env_vars": {**forwarded_env(), **(env or {})}})
 
 
-def pretrain(cfg: PretrainConfig) -> Outcome:
+def pretrain(cfg: PretrainConfig, callbacks: Sequence[ray.train.UserCallback] = ()) -> Outcome:
+    """Trains (or resumes) `cfg.run.name`, then exports and evaluates it. `callbacks` see every
+    report (a sweep's trial passes Tune's, which forwards rank 0's metrics to Tune)."""
     try:
         check_bucket(cfg.run.storage)
     except StorageError as exc:
@@ -108,6 +112,7 @@ def pretrain(cfg: PretrainConfig) -> Outcome:
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
         datasets={"train": train_data},
     )

@@ -65,6 +65,17 @@ def digits(tmp_path_factory) -> str:
     return path
 
 
+def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.5):
+    """Polls `condition` until it returns something truthy (returned), failing after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

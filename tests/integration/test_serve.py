@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from biglearn.export import write_export
 from biglearn.serving import decode_png
 from biglearn.train.run import pretrain
-from tests.integration.conftest import free_port, tiny_config
+from tests.integration.conftest import free_port, tiny_config, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -47,16 +47,6 @@ DEPLOYMENT = {
     "health_check_timeout_s": 5,
     "ray_actor_options": {"num_cpus": 0.5},
 }
-
-
-def wait_for(condition, timeout_s: float, what: str, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
