@@ -74,8 +74,9 @@ def test_job_with_token_trains_on_two_nodes_and_without_token_is_refused(cluster
     assert [j["entrypoint"] for j in listed if "pwned" in j["entrypoint"]] == [], "a refused job was created"
 
 
-@pytest.mark.skip(reason="not yet verified: its only full run (a 2-core machine at load 10-50) stalled after the "
-                  "worker group started and reached no checkpoint in 600 s; unskip to run it")
+@pytest.mark.skip(reason="not yet passing: after the node loss the run resumes from the committed checkpoint, "
+                  "then hangs: the lost node held a block of the materialized dataset, and rebuilding it needs a CPU "
+                  "the two Train workers hold on the two nodes left (no spare CPU in this test cluster)")
 def test_lost_worker_node_resumes_on_the_others_from_last_committed_checkpoint(cluster, digits, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
