@@ -104,6 +104,7 @@ def terminated_trials(folder: Path) -> set[str]:
     return done
 
 
+@pytest.mark.timeout(2700)  # two sweep attempts and a training run; the default 1200 s ran out on a loaded 2-core machine
 def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, digits):
     cluster = FakeAutoscalingCluster(worker_cpus=1, max_workers=2, idle_timeout_s=5).start()
     # Ray reads the auth settings once per process: everything talking to this cluster is a
