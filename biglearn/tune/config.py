@@ -69,11 +69,13 @@ class AshaConfig(Config):
 
 
 class TrialResources(Config):
-    driver: dict[str, NonNegativeFloat] = {"CPU": 0.01}
-    """Resources of each trial's driver: a token share, as Tune needs every trial to ask for
-    something and the driver only builds the TorchTrainer and waits (its Train
+    driver: dict[str, NonNegativeFloat] = {"CPU": 0, "memory": 256 * 2**20}
+    """Resources of each trial's driver, which only builds the TorchTrainer and waits (its Train
     workers ask for `cluster.num_workers` x `cluster.cpus_per_worker` (+ GPU) of the base recipe).
-    On a cluster, a custom resource only on-demand nodes advertise keeps drivers off spot nodes."""
+    No CPU: a fraction of a CPU held by a driver leaves that node short of a whole CPU for a
+    Train worker or a data-reading task, which deadlocked sweeps on nodes of 1 CPU each. On a
+    cluster, a custom resource only the head or on-demand nodes advertise (e.g. `train_driver: 1`)
+    keeps drivers off spot nodes."""
 
 
 class SweepConfig(Config):

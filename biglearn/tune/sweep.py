@@ -9,9 +9,11 @@ trial's Train run: checkpoints, export, summary.json), and `results/` (written b
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -97,7 +99,7 @@ def _param_space(space: dict[str, Dimension]) -> dict[str, Any]:
 def _tune_config(sweep: SweepConfig, base: PretrainConfig) -> tune.TuneConfig:
     scheduler = None
     if sweep.asha is not None:
-        scheduler = ASHAScheduler(
+        scheduler = ResumableASHA(
             time_attr="training_iteration",
             max_t=checkpoints_per_trial(base),
             grace_period=sweep.asha.grace_period,
@@ -121,6 +123,37 @@ def _run_config(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], N
         callbacks=[SweepProgress(objective_metric(sweep), base.train.steps, sweep.progress_every_s, log)],
         verbose=0,
     )
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive a resumed sweep. Tune saves no scheduler state, so after a restore
+    plain ASHA compares new trials only with each other (the first to reach a rung always goes
+    on); here each restored trial's reported results (its result.json) are replayed into its
+    bracket as Tune adds it, and later trials are held to what the earlier ones reached."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not trial.has_reported_at_least_once:
+            return  # a new trial (it has no folder yet)
+        bracket = self._trial_info[trial.trial_id]
+        for result in reported_results(trial.path):
+            if self._time_attr in result and self._metric in result:
+                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+
+def reported_results(trial_folder: str) -> list[dict]:
+    """The results a trial reported before the sweep was interrupted; a last line cut short by
+    the interruption is skipped."""
+    path = Path(trial_folder) / "result.json"
+    if not path.is_file():
+        return []
+    results = []
+    for line in path.read_text().splitlines():
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return results
 
 
 class SweepProgress(tune.Callback):
