@@ -1,6 +1,6 @@
 """A finished sweep's best schedule against the default one, both retrained with the same seeds.
 
-    python benchmarks/sweep_vs_default.py --config jobs/configs/sweep-digits.yaml --seeds 0 1 2
+    python benchmarks/sweep_vs_default.py --config jobs/configs/sweep-digits.yaml --seeds 0 1 2 --threads 2
 
 "Default" is the sweep's base recipe with its overrides (what every trial started from); "best"
 is <storage>/<name>/results/best.yaml. Each is trained from scratch once per seed with
@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="the sweep YAML whose results/best.yaml is compared")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--storage", default="runs/sweep-vs-default")
+    parser.add_argument("--threads", type=int, help="cluster.torch_threads of the retrained runs (one runs at a time; "
+                                                    "the sweep's trials shared the machine)")
     args = parser.parse_args()
 
     sweep, default = load_sweep(args.config)
@@ -52,7 +54,8 @@ def main() -> None:
     measured: dict[str, list[dict[str, float]]] = {name: [] for name in recipes}
     for seed in args.seeds:
         for name, recipe in recipes.items():
-            cfg = trial_config(recipe, {"train.seed": seed, "eval.seed": seed},
+            values = {"train.seed": seed, "eval.seed": seed, **({"cluster.torch_threads": args.threads} if args.threads else {})}
+            cfg = trial_config(recipe, values,
                                name=f"{sweep.name}-{name}-seed{seed}", storage=str(Path(args.storage).resolve()))
             outcome = pretrain(cfg)
             measured[name].append(scores(outcome.summary))

@@ -41,6 +41,12 @@ def join(root: str, name: str) -> str:
     return f"{str(root).rstrip('/')}/{name}"
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray Tune and Ray Train run trials and workers in folders of
+    their own, where a relative path means something else); URIs pass through."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an s3:// URI."""
     uri = str(uri)

@@ -18,7 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from biglearn.data.digits import ensure_digits
 from biglearn.data.manifest import DatasetError, Manifest, read_manifest, shard_uris, verify_shards
-from biglearn.data.storage import StorageError, check_bucket, forwarded_env, join, resolve, write_bytes
+from biglearn.data.storage import StorageError, absolute, check_bucket, forwarded_env, join, resolve, write_bytes
 from biglearn.train.config import ClusterConfig, PretrainConfig
 from biglearn.train.engine import cpu_bf16
 from biglearn.train.evaluate import evaluate_export
@@ -77,6 +77,7 @@ def connect(cluster: ClusterConfig, env: dict[str, str] | None = None) -> None:
 def pretrain(cfg: PretrainConfig, callbacks: Sequence[ray.train.UserCallback] = ()) -> Outcome:
     """Trains (or resumes) `cfg.run.name`, then exports and evaluates it. `callbacks` see every
     report (a sweep's trial passes Tune's, which forwards rank 0's metrics to Tune)."""
+    cfg = with_absolute_paths(cfg)
     try:
         check_bucket(cfg.run.storage)
     except StorageError as exc:
@@ -86,7 +87,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[ray.train.UserCallback] = 
     use_gpu = cfg.cluster.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    storage = _storage_path(cfg.run.storage)
+    storage = cfg.run.storage
     fs, storage_root = resolve(storage)
     run_root = join(storage_root, cfg.run.name)
     fs.create_dir(run_root, recursive=True)
@@ -166,9 +167,12 @@ def shard_dataset(path: str, manifest: Manifest, split: str, block_bytes: int) -
         context.target_max_block_size = default
 
 
-def _storage_path(storage: str) -> str:
-    """Ray wants absolute local paths; URIs (s3://...) pass through."""
-    return storage if "://" in storage else os.path.abspath(storage)
+def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """`cfg` with its local data and storage paths absolute, as the driver's folder sees them."""
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"path": absolute(cfg.data.path)}),
+        "run": cfg.run.model_copy(update={"storage": absolute(cfg.run.storage)}),
+    })
 
 
 def _failure_message(exc: ray.train.TrainingFailedError, cfg: PretrainConfig) -> str:
@@ -177,7 +181,7 @@ def _failure_message(exc: ray.train.TrainingFailedError, cfg: PretrainConfig) ->
     detail = "\n  ".join(reasons) if reasons else _first_line(exc)
     return (
         f"run {cfg.run.name} failed (after {cfg.cluster.max_failures} allowed restart(s)):\n  {detail}\n"
-        f"Checkpoints stay under {_storage_path(cfg.run.storage)}/{cfg.run.name}; "
+        f"Checkpoints stay under {absolute(cfg.run.storage)}/{cfg.run.name}; "
         "running the same command again resumes from the latest one."
     )
 

@@ -10,7 +10,6 @@ trial's Train run: checkpoints, export, summary.json), and `results/` (written b
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,10 +22,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from biglearn.config import ConfigError
-from biglearn.data.storage import join
+from biglearn.data.storage import absolute, join
 from biglearn.panel import panel_tasks
 from biglearn.train.config import PretrainConfig
-from biglearn.train.run import connect, prepare_data, pretrain
+from biglearn.train.run import connect, prepare_data, pretrain, with_absolute_paths
 from biglearn.tune.config import Dimension, SweepConfig, trial_config
 
 RUNS = "runs"
@@ -37,8 +36,7 @@ def objective_metric(sweep: SweepConfig) -> str:
 
 
 def sweep_folder(sweep: SweepConfig) -> str:
-    storage = sweep.storage if "://" in sweep.storage else os.path.abspath(sweep.storage)
-    return join(storage, sweep.name)
+    return join(absolute(sweep.storage), sweep.name)
 
 
 def checkpoints_per_trial(cfg: PretrainConfig) -> int:
@@ -60,6 +58,7 @@ def run_trial(values: dict[str, Any], base: dict, runs_root: str, panel_examples
 
 def run_sweep(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], None] = print) -> tune.ResultGrid:
     """Runs (or resumes, when `<storage>/<name>` holds its state) the sweep; returns Tune's results."""
+    base = with_absolute_paths(base)  # trials run in folders of Tune's
     manifest = prepare_data(base)  # once here, not racing in every trial
     tasks = panel_tasks(manifest.length, manifest.grid)
     if sweep.objective != "mean" and sweep.objective not in tasks:
@@ -118,7 +117,7 @@ def _tune_config(sweep: SweepConfig, base: PretrainConfig) -> tune.TuneConfig:
 def _run_config(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], None]) -> tune.RunConfig:
     return tune.RunConfig(
         name=sweep.name,
-        storage_path=sweep.storage if "://" in sweep.storage else os.path.abspath(sweep.storage),
+        storage_path=absolute(sweep.storage),
         failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures),
         callbacks=[SweepProgress(objective_metric(sweep), base.train.steps, sweep.progress_every_s, log)],
         verbose=0,

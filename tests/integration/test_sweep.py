@@ -36,7 +36,9 @@ def sweep_config(path: Path, digits: str, **fields) -> Path:
         "name": "tiny",
         "storage": str(path.parent / "sweeps"),
         "base": str(REPO / "jobs/configs/digits-quick.yaml"),
-        "overrides": [f"data.path={digits}", f"run.storage={path.parent / 'runs'}", *TINY],
+        # Relative to the repository, where the sweep runs: trials and their Train workers run in
+        # folders of Tune's and Train's own, so the sweep must hand them absolute paths.
+        "overrides": [f"data.path={os.path.relpath(digits, REPO)}", f"run.storage={path.parent / 'runs'}", *TINY],
         # One hopeless learning rate against a good one: ASHA has something to stop.
         "space": {"optim.lr": {"grid": [1.0e-6, 3.0e-3]}, "schedule.families.half.weight": {"uniform": [0.2, 0.5]}},
         "panel_examples": 32,
