@@ -53,7 +53,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if not is_s3(uri):
         if "://" in uri:
             raise StorageError(f"unsupported location {_shown(uri)}: use a local path or s3://bucket/prefix")
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
+        return pafs.LocalFileSystem(), absolute(uri)
     bucket, key = _bucket_and_key(uri)
     with storage_errors(uri):
         fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}")

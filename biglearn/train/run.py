@@ -176,12 +176,13 @@ def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def _failure_message(exc: ray.train.TrainingFailedError, cfg: PretrainConfig) -> str:
+    """`cfg` as pretrain() made it: its storage path is already absolute."""
     failures = getattr(exc, "worker_failures", None) or {}
     reasons = sorted({f"rank {rank}: {_first_line(error)}" for rank, error in failures.items()})
     detail = "\n  ".join(reasons) if reasons else _first_line(exc)
     return (
         f"run {cfg.run.name} failed (after {cfg.cluster.max_failures} allowed restart(s)):\n  {detail}\n"
-        f"Checkpoints stay under {absolute(cfg.run.storage)}/{cfg.run.name}; "
+        f"Checkpoints stay under {cfg.run.storage}/{cfg.run.name}; "
         "running the same command again resumes from the latest one."
     )
 
