@@ -26,7 +26,7 @@ Legend: B = batch, L = positions, P = patch dimension, Z = noise dimension, n = 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +103,18 @@ def view(values_BLP: torch.Tensor, task: GanTask) -> torch.Tensor:
     return torch.where(task.transformed_B[:, None, None], y_BLP, values_BLP)
 
 
-def draw_noise(values_BLP: torch.Tensor, noise_dim: int, generator: torch.Generator) -> torch.Tensor:
+def draw_noise(
+    values_BLP: torch.Tensor, noise_dim: int, generator: torch.Generator | Sequence[torch.Generator]
+) -> torch.Tensor:
+    """noise_BLZ from one generator for the batch, or from one per row: then a row's noise does
+    not depend on the other rows (a server batches unrelated requests this way)."""
     B, L, _ = values_BLP.shape
-    noise_BLZ = torch.randn(B, L, noise_dim, generator=generator, device=generator.device)
+    if isinstance(generator, torch.Generator):
+        noise_BLZ = torch.randn(B, L, noise_dim, generator=generator, device=generator.device)
+    else:
+        if len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for {B} rows")
+        noise_BLZ = torch.stack([torch.randn(L, noise_dim, generator=g, device=g.device) for g in generator])
     return noise_BLZ.to(values_BLP.device)
 
 
@@ -119,10 +128,13 @@ def fill_targets(
 
 @torch.no_grad()
 def generate(
-    generator_model: nn.Module, values_BLP: torch.Tensor, roles_BL: torch.Tensor, generator: torch.Generator
+    generator_model: nn.Module,
+    values_BLP: torch.Tensor,
+    roles_BL: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> torch.Tensor:
     """One sample per row in one generator pass: sources (and absent positions) pass through
-    unchanged, targets are drawn with noise from `generator`."""
+    unchanged, targets are drawn with noise from `generator` (one, or one per row)."""
     noise_BLZ = draw_noise(values_BLP, generator_model.spec.noise_dim, generator)
     return fill_targets(generator_model, values_BLP, roles_BL, noise_BLZ)
 

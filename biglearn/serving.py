@@ -1,14 +1,20 @@
 """Serving without the server: the request schema, its checks, and one batched model call.
 
 A request names the known values (S), the target set (T, or "rest") and how to decode; it becomes
-one (values_L, roles_L) task repeated `num_samples` times. Tasks from different callers share a
+one (values, roles_L) task repeated `num_samples` times. Tasks from different callers share a
 batch: roles are per row, and every row draws its noise from its own generator (seeded from the
-request's seed), so a request's answer does not depend on who else is in the batch.
+request's seed), so a request's answer does not depend on who else is in the batch (a
+generator's numbers only up to float rounding, ~1e-6: batch shapes change the kernels' sums).
 
-Image models (discrete values on a 1-channel pixel grid, patch 1) also take and return PNGs:
-value v is the grey level round(255 * v / (V - 1)), read back with the inverse rounding.
+Token models (an ML export) decode targets in `steps` rounds; generators (a BigLearn-GAN export:
+continuous patches) draw every target in one pass with per-position noise, so the decoding
+fields do not apply to them. A known value is a token id, or for a generator a patch of P numbers
+(a plain number when P = 1).
 
-Legend: B = rows in a batch, L = positions, H/W = image height/width.
+Token image models (a 1-channel pixel grid, patch 1) also take and return PNGs: value v is the
+grey level round(255 * v / (V - 1)), read back with the inverse rounding.
+
+Legend: B = rows in a batch, L = positions, P = patch dimension, H/W = image height/width.
 """
 
 from __future__ import annotations
@@ -20,15 +26,26 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, StrictInt, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    Strict,
+    StrictInt,
+    model_validator,
+)
 
 from biglearn.config import Config
 from biglearn.export import load_export
+from biglearn.gan import generate
 from biglearn.generation import Order, complete
 from biglearn.model import ModelSpec
 from biglearn.roles import ABSENT, SOURCE, TARGET
@@ -128,9 +145,14 @@ class ExportedModel:
     @torch.no_grad()
     def _probe(self) -> str | None:
         """Why this model cannot serve (non-finite outputs on an all-target row), or None."""
-        values_BL = torch.zeros(1, self.spec.length, dtype=torch.long, device=self.device)
-        roles_BL = torch.full_like(values_BL, TARGET, dtype=torch.int8)
-        if torch.isfinite(self.model(values_BL, roles_BL)).all():
+        spec = self.spec
+        roles_BL = torch.full((1, spec.length), TARGET, dtype=torch.int8, device=self.device)
+        if spec.continuous:
+            values_BLP = torch.zeros(1, spec.length, spec.patch_dim, device=self.device)
+            out = self.model(values_BLP, roles_BL, torch.zeros(1, spec.length, spec.noise_dim, device=self.device))
+        else:
+            out = self.model(torch.zeros_like(roles_BL, dtype=torch.long), roles_BL)
+        if torch.isfinite(out).all():
             return None
         return "the model's outputs are not finite: the export's weights are broken; serve another export"
 
@@ -144,10 +166,20 @@ def _read_json(path: Path) -> dict:
 
 def _png_shape(spec: ModelSpec, geometry: dict | None) -> tuple[int, int] | None:
     """(H, W) when positions are the pixels of a 1-channel image in row-major order."""
-    if not geometry or geometry.get("channels", 1) != 1 or geometry.get("patch", 1) != 1:
+    if spec.continuous or not geometry or geometry.get("channels", 1) != 1 or geometry.get("patch", 1) != 1:
         return None
     height, width = geometry["height"], geometry["width"]
     return (height, width) if height * width == spec.length and spec.vocab_size <= 256 else None
+
+
+def _no_decoding(request: "CompleteRequest") -> None:
+    """Generators draw in one pass: a decoding field would be silently ignored, so it is refused."""
+    given = [name for name in ("steps", "order", "temperature", "top_k") if getattr(request, name) is not None]
+    if given:
+        raise RequestError(
+            f"{', '.join(given)}: this model is a BigLearn-GAN generator, which draws every target in one "
+            "pass with noise; leave out steps, order, temperature and top_k"
+        )
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -166,6 +198,11 @@ class ImageInput(BaseModel):
     )
 
 
+FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
+KnownValue = StrictInt | FiniteFloat | list[FiniteFloat]
+"""A token id, or (generators) a patch of P numbers, a plain number when P = 1."""
+
+
 class CompleteRequest(BaseModel):
     """POST /v1/complete. Known values either as `values` or (image models) as `image`."""
 
@@ -174,8 +211,10 @@ class CompleteRequest(BaseModel):
         json_schema_extra={"examples": [{"values": {"0": 3, "1": 0}, "target": "rest", "num_samples": 2, "seed": 7}]},
     )
 
-    values: list[StrictInt | None] | dict[int, StrictInt] | None = Field(
-        None, description="known values: a full-length list with null for unknown, or {position: value}"
+    values: list[KnownValue | None] | dict[int, KnownValue] | None = Field(
+        None,
+        description="known values: a full-length list with null for unknown, or {position: value}; "
+        "a value is a token id, or for a continuous model a patch of P numbers (a number when P = 1)",
     )
     image: ImageInput | None = None
     target: Literal["rest"] | list[StrictInt] = Field(
@@ -191,17 +230,21 @@ class CompleteRequest(BaseModel):
 
 
 class Sample(BaseModel):
-    values: list[int]
+    values: list[int] | list[float] | list[list[float]] = Field(
+        description="token ids, or for a continuous model one number (P = 1) or patch per position"
+    )
     png: str | None = None
 
 
 class CompleteResponse(BaseModel):
+    """The decoding settings used; generators (one pass, no decoding) leave them out."""
+
     samples: list[Sample]
     seed: int
-    steps: int
-    temperature: float
-    top_k: int | None
-    order: Order
+    steps: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    order: Order | None = None
 
 
 @dataclass(frozen=True)
@@ -214,13 +257,15 @@ class Decoding:
 
 @dataclass(frozen=True)
 class Task:
-    """One request, checked: its rows are `values_L`/`roles_L` repeated `num_samples` times."""
+    """One request, checked: its rows are `values`/`roles_L` repeated `num_samples` times."""
 
-    values_L: torch.Tensor
+    values: torch.Tensor
+    """values_L (int64 token ids), or values_LP (float32 patches) for a generator."""
     roles_L: torch.Tensor
     num_samples: int
     seed: int
-    decoding: Decoding
+    decoding: Decoding | None
+    """None for a generator: it draws in one pass."""
     return_png: bool
 
     @property
@@ -230,25 +275,30 @@ class Task:
 
 def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingConfig) -> Task:
     """Checks a request against the model and the limits; raises RequestError saying what to fix."""
-    length, vocab = served.spec.length, served.spec.vocab_size
-    limits = cfg.limits
+    spec, limits = served.spec, cfg.limits
+    length = spec.length
     if request.num_samples > limits.max_num_samples:
         raise RequestError(f"num_samples is {request.num_samples}; this server allows at most {limits.max_num_samples}")
     if request.num_samples * length > limits.max_tokens_per_request:
         raise RequestError(
             f"num_samples * length = {request.num_samples * length} exceeds {limits.max_tokens_per_request}; ask for fewer samples"
         )
-    steps = request.steps or cfg.decoding.steps
-    if steps > limits.max_steps:
-        raise RequestError(f"steps is {steps}; this server allows at most {limits.max_steps}")
+    decoding = None
+    if spec.continuous:
+        _no_decoding(request)
+    else:
+        decoding = Decoding(
+            steps=request.steps or cfg.decoding.steps,
+            order=request.order or cfg.decoding.order,
+            temperature=cfg.decoding.temperature if request.temperature is None else request.temperature,
+            top_k=request.top_k if request.top_k is not None else cfg.decoding.top_k,
+        )
+        if decoding.steps > limits.max_steps:
+            raise RequestError(f"steps is {decoding.steps}; this server allows at most {limits.max_steps}")
     if request.return_png and served.image_shape is None:
         raise RequestError("return_png: this model's positions are not the pixels of an image; leave it false")
 
-    values_L, known_L = _known_values(request, served)
-    if ((values_L < 0) | (values_L >= vocab))[known_L].any():
-        bad = int(torch.nonzero(known_L & ((values_L < 0) | (values_L >= vocab)))[0, 0])
-        raise RequestError(f"values[{bad}] = {int(values_L[bad])} is outside the vocabulary 0..{vocab - 1}")
-
+    values, known_L = _known_values(request, served)
     if request.target == "rest":
         target_L = ~known_L
         if not target_L.any():
@@ -268,14 +318,9 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
     roles_L = torch.full((length,), ABSENT, dtype=torch.int8)
     roles_L[known_L] = SOURCE
     roles_L[target_L] = TARGET
-    decoding = Decoding(
-        steps=steps,
-        order=request.order or cfg.decoding.order,
-        temperature=cfg.decoding.temperature if request.temperature is None else request.temperature,
-        top_k=request.top_k if request.top_k is not None else cfg.decoding.top_k,
-    )
+    known = known_L[:, None] if spec.continuous else known_L
     return Task(
-        values_L=torch.where(known_L, values_L, 0),
+        values=torch.where(known, values, 0),
         roles_L=roles_L,
         num_samples=request.num_samples,
         seed=request.seed,
@@ -285,32 +330,50 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
 
 
 def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torch.Tensor, torch.Tensor]:
-    length = served.spec.length
+    """(values, known_L): values_L int64 for a token model, values_LP float32 for a generator."""
+    spec = served.spec
     if (request.values is None) == (request.image is None):
         raise RequestError("give the known values either as `values` or as `image`, exactly one of them")
     if request.image is not None:
         if served.image_shape is None:
             raise RequestError("image: this model's positions are not the pixels of an image; send `values`")
-        values_L = decode_png(request.image.png, served.image_shape, served.spec.vocab_size, "image.png")
+        values_L = decode_png(request.image.png, served.image_shape, spec.vocab_size, "image.png")
         if request.image.mask is None:
-            return values_L, torch.ones(length, dtype=torch.bool)
+            return values_L, torch.ones(spec.length, dtype=torch.bool)
         mask_L = decode_png(request.image.mask, served.image_shape, 2, "image.mask")
         return values_L, mask_L.bool()
     if isinstance(request.values, list):
-        if len(request.values) != length:
+        if len(request.values) != spec.length:
             raise RequestError(
-                f"values has {len(request.values)} entries; this model takes exactly {length} (null for unknown), "
+                f"values has {len(request.values)} entries; this model takes exactly {spec.length} (null for unknown), "
                 "or send a map {position: value}"
             )
-        known_L = torch.tensor([v is not None for v in request.values], dtype=torch.bool)
-        values_L = torch.tensor([0 if v is None else v for v in request.values], dtype=torch.long)
-        return values_L, known_L
-    positions = _positions(list(request.values), length, "values")
-    values_L = torch.zeros(length, dtype=torch.long)
-    known_L = torch.zeros(length, dtype=torch.bool)
-    values_L[positions] = torch.tensor(list(request.values.values()), dtype=torch.long)
-    known_L[positions] = True
+        known = {position: value for position, value in enumerate(request.values) if value is not None}
+    else:
+        known = dict(zip(_positions(list(request.values), spec.length, "values"), request.values.values()))
+    known_L = torch.zeros(spec.length, dtype=torch.bool)
+    known_L[list(known)] = True
+    if spec.continuous:
+        values_LP = torch.zeros(spec.length, spec.patch_dim)
+        for position, value in known.items():
+            values_LP[position] = torch.tensor(_patch(value, position, spec.patch_dim))
+        return values_LP, known_L
+    values_L = torch.zeros(spec.length, dtype=torch.long)
+    for position, value in known.items():
+        if not isinstance(value, int):
+            raise RequestError(f"values[{position}] = {value} is not a token id: this model takes whole numbers 0..{spec.vocab_size - 1}")
+        if not 0 <= value < spec.vocab_size:
+            raise RequestError(f"values[{position}] = {value} is outside the vocabulary 0..{spec.vocab_size - 1}")
+        values_L[position] = value
     return values_L, known_L
+
+
+def _patch(value: int | float | list[float], position: int, patch_dim: int) -> list[float]:
+    patch = value if isinstance(value, list) else [value]
+    if len(patch) != patch_dim:
+        shape = "one number" if patch_dim == 1 else f"a list of {patch_dim} numbers (one patch)"
+        raise RequestError(f"values[{position}] has {len(patch)} numbers; each known value of this model is {shape}")
+    return [float(x) for x in patch]
 
 
 def _positions(positions: list[int], length: int, field: str) -> list[int]:
@@ -359,35 +422,44 @@ def sample_generators(seed: int, num_samples: int) -> list[torch.Generator]:
 
 
 def complete_tasks(model: torch.nn.Module, tasks: list[Task], device: torch.device) -> list[torch.Tensor]:
-    """Runs tasks from any callers together; returns each task's samples, values_NL (int64, CPU).
+    """Runs tasks from any callers together; returns each task's samples (CPU): values_NL (int64)
+    from a token model, values_NLP (float32) from a generator.
 
-    Rows with different (S, T) share one model call; tasks with different decoding settings
+    Rows with different (S, T) share one model call; token tasks with different decoding settings
     (steps, order, temperature, top-k) need separate calls, one per setting.
     """
     results: list[torch.Tensor | None] = [None] * len(tasks)
-    by_decoding: dict[Decoding, list[int]] = {}
+    by_decoding: dict[Decoding | None, list[int]] = {}
     for index, task in enumerate(tasks):
         by_decoding.setdefault(task.decoding, []).append(index)
     for decoding, indices in by_decoding.items():
         group = [tasks[i] for i in indices]
-        values_BL = torch.cat([t.values_L.expand(t.num_samples, -1) for t in group]).to(device)
+        values_B = torch.cat([t.values.expand(t.num_samples, *t.values.shape) for t in group]).to(device)
         roles_BL = torch.cat([t.roles_L.expand(t.num_samples, -1) for t in group]).to(device)
         generators = [g for t in group for g in sample_generators(t.seed, t.num_samples)]
-        out_BL = complete(
-            model, values_BL, roles_BL, generators, decoding.steps, decoding.order, decoding.temperature, decoding.top_k
-        ).cpu()
-        for index, rows in zip(indices, out_BL.split([t.num_samples for t in group])):
+        if decoding is None:
+            out_B = generate(model, values_B, roles_BL, generators)
+        else:
+            out_B = complete(
+                model, values_B, roles_BL, generators, decoding.steps, decoding.order, decoding.temperature, decoding.top_k
+            )
+        for index, rows in zip(indices, out_B.cpu().split([t.num_samples for t in group])):
             results[index] = rows
     return results
 
 
-def respond(task: Task, samples_NL: torch.Tensor, served: ExportedModel) -> CompleteResponse:
-    samples = [
+def respond(task: Task, samples: torch.Tensor, served: ExportedModel) -> CompleteResponse:
+    """`samples`: values_NL (token model) or values_NLP (generator; P = 1 is answered as numbers)."""
+    if served.spec.patch_dim == 1:
+        samples = samples[..., 0]
+    answers = [
         Sample(
             values=row.tolist(),
             png=encode_png(row, served.image_shape, served.spec.vocab_size) if task.return_png else None,
         )
-        for row in samples_NL
+        for row in samples
     ]
     d = task.decoding
-    return CompleteResponse(samples=samples, seed=task.seed, steps=d.steps, temperature=d.temperature, top_k=d.top_k, order=d.order)
+    if d is None:
+        return CompleteResponse(samples=answers, seed=task.seed)
+    return CompleteResponse(samples=answers, seed=task.seed, steps=d.steps, temperature=d.temperature, top_k=d.top_k, order=d.order)

@@ -209,12 +209,12 @@ class Completer:
             return _reject(request, 503, problem, "model_unusable")
         task = parse_request(body, self.served, self.cfg)
         if self.cfg.batching.enabled:
-            samples_NL = await self._batched(task)
+            samples = await self._batched(task)
         else:
-            samples_NL = (await self._run([task]))[0]
+            samples = (await self._run([task]))[0]
         self.metrics.samples.inc(task.num_samples)
         self.metrics.tokens.inc(task.num_samples * task.num_targets)
-        return respond(task, samples_NL, self.served)
+        return respond(task, samples, self.served)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
     async def _batched(self, tasks: list[Task]) -> list[torch.Tensor]:

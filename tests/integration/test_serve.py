@@ -81,7 +81,8 @@ def server(export):
 
 
 # What the main app's replicas answered on /v1/complete, by status, as the clients saw it (the
-# proxy's own 503s for backpressure never reach a replica).
+# proxy's own 503s for backpressure never reach a replica). Side apps are deployed by some tests.
+SIDE_APPS = ("/broken", "/gan")
 ANSWERED: Counter = Counter()
 _answered_lock = threading.Lock()
 
@@ -91,7 +92,7 @@ def post(base: str, body, timeout: float = 60) -> requests.Response:
         response = requests.post(f"{base}/v1/complete", data=body, headers={"content-type": "application/json"}, timeout=timeout)
     else:
         response = requests.post(f"{base}/v1/complete", json=body, timeout=timeout)
-    if "/broken" not in base and response.status_code != 503:
+    if not base.endswith(SIDE_APPS) and response.status_code != 503:
         with _answered_lock:
             ANSWERED[str(response.status_code)] += 1
     return response
@@ -221,6 +222,35 @@ def test_health_fails_for_an_export_that_cannot_serve(server, export, tmp_path):
     finally:
         serve.delete("broken")
     assert requests.get(f"{base}/v1/health", timeout=10).status_code == 200
+
+
+def test_a_gan_export_serves_one_pass_samples_of_numbers(server, tmp_path):
+    """A BigLearn-GAN export (a 2-D generator like the 25-GMM one, one number per position)."""
+    from ray import serve
+
+    from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
+
+    base, _ = server
+    spec = ModelSpec(model=ModelConfig(d_model=32, num_layers=1, num_heads=2), length=2, patch_dim=1, noise_dim=4)
+    manifest = {"name": "gmm25", "kind": "continuous", "length": 2, "patch_dim": 1}
+    write_export(tmp_path, UniversalTransformer(spec).state_dict(), spec, manifest, {})
+    app, _, _ = app_from_config(export=str(tmp_path), overrides=SETTINGS, deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    serve.run(app, name="gan", route_prefix="/gan")
+    try:
+        card = requests.get(f"{base}/gan/v1/model", timeout=10).json()
+        assert (card["kind"], card["length"], card["patch_dim"], card["vocab_size"], card["png"]) == ("continuous", 2, 1, None, False)
+        body = {"values": [0.75, None], "num_samples": 4, "seed": 3}
+        answer = post(f"{base}/gan", body)
+        assert answer.status_code == 200, answer.text
+        samples = [s["values"] for s in answer.json()["samples"]]
+        assert all(s[0] == 0.75 and isinstance(s[1], float) for s in samples)
+        assert len({s[1] for s in samples}) == 4, "each sample draws its own noise"
+        assert post(f"{base}/gan", body).json() == answer.json() and "steps" not in answer.json()
+        refused = post(f"{base}/gan", {**body, "steps": 4})
+        assert refused.status_code == 422 and "BigLearn-GAN" in refused.json()["detail"]
+        assert post(f"{base}/gan", '{"values": {"1": NaN}}').status_code == 422
+    finally:
+        serve.delete("gan")
 
 
 # --- bad input and overload ------------------------------------------------------------------------

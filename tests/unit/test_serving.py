@@ -99,7 +99,7 @@ def test_overlong_model_is_refused(export_folder):
 def test_list_and_map_forms_give_the_same_task(served):
     listed = task(served, values=[3, None, 4] + [None] * (L - 3), target=[1, 5])
     mapped = task(served, values={0: 3, 2: 4}, target=[1, 5])
-    assert torch.equal(listed.roles_L, mapped.roles_L) and torch.equal(listed.values_L, mapped.values_L)
+    assert torch.equal(listed.roles_L, mapped.roles_L) and torch.equal(listed.values, mapped.values)
     roles = listed.roles_L.tolist()
     assert roles[0] == roles[2] == SOURCE and roles[1] == roles[5] == TARGET
     assert roles.count(ABSENT) == L - 4
@@ -117,6 +117,8 @@ def test_json_keys_of_the_map_are_positions(served):
     [
         ({"values": [1, 2]}, f"values has 2 entries; this model takes exactly {L}"),
         ({"values": {0: V}}, f"values[0] = {V} is outside the vocabulary 0..{V - 1}"),
+        ({"values": {0: 1.5}}, "values[0] = 1.5 is not a token id"),
+        ({"values": {0: [1, 2]}}, "values[0] = [1.0, 2.0] is not a token id"),
         ({"values": {3: -1}}, "values[3] = -1 is outside the vocabulary"),
         ({"values": {L: 1}}, f"positions [{L}] are outside 0..{L - 1}"),
         ({"values": {0: 1}, "target": [0, 1]}, "positions [0] are both known and targets"),
@@ -143,7 +145,6 @@ def test_bad_requests_say_what_to_fix(served, fields, message):
         '{"values": {"0": 1}, "colour": "red"}',  # unknown field
         '{"values": {"0": 1}, "temperature": NaN}',  # non-finite number
         '{"values": {"0": 1}, "temperature": Infinity}',
-        '{"values": [1.5]}',  # not an integer
         '{"values": {"0": true}}',
         '{"values": {"0": 1}, "num_samples": 0}',
         '{"values": {"0": 1}, "order": "sideways"}',
@@ -179,7 +180,7 @@ def test_png_round_trip_and_image_request(served):
     t = task(served, image={"png": encode_png(values_L, (H, W), V), "mask": png(mask_HW)}, return_png=True)
     half = L // 2
     assert (t.roles_L[:half] == SOURCE).all() and (t.roles_L[half:] == TARGET).all()
-    assert torch.equal(t.values_L[:half], values_L[:half])
+    assert torch.equal(t.values[:half], values_L[:half])
     with pytest.raises(RequestError, match="this model takes 4x4"):
         task(served, image={"png": png(np.zeros((3, 4)))})
     samples = complete_tasks(served.model, [t], served.device)[0]
@@ -205,7 +206,7 @@ def test_completions_keep_sources_fill_targets_and_leave_absent_alone(served):
     for t, samples in zip(tasks, complete_tasks(served.model, tasks, served.device)):
         assert samples.shape == (t.num_samples, L)
         source, target = t.roles_L == SOURCE, t.roles_L == TARGET
-        assert torch.equal(samples[:, source], t.values_L[source].expand(t.num_samples, -1))
+        assert torch.equal(samples[:, source], t.values[source].expand(t.num_samples, -1))
         assert ((samples[:, target] >= 0) & (samples[:, target] < V)).all()
         assert (samples[:, ~(source | target)] == 0).all()
 
@@ -279,3 +280,79 @@ def test_inverse_cdf_sampling_follows_the_distribution():
     assert torch.allclose(freq, logits_NV[0].softmax(-1), atol=0.01)
     sampled_N, _ = _sample(logits_NV, None, 1.0, 2, torch.full((20000,), 0.999999999))
     assert set(sampled_N.tolist()) <= {1, 2}, "top-k: never a value outside the top k"
+
+
+# --- generators (BigLearn-GAN exports): patches in, one noisy pass out -------------------------------
+
+GL, GP = 6, 2  # positions, patch dimension
+
+
+@pytest.fixture(scope="module")
+def served_generator(tmp_path_factory) -> ExportedModel:
+    spec = ModelSpec(model=ModelConfig(d_model=32, num_layers=2, num_heads=4), length=GL, patch_dim=GP, noise_dim=4)
+    folder = tmp_path_factory.mktemp("gan-export")
+    manifest = {"name": "toy-gan", "kind": "continuous", "length": GL, "patch_dim": GP}
+    write_export(folder, UniversalTransformer(spec).state_dict(), spec, manifest, {"run": {"name": "toy-gan"}})
+    return ExportedModel(folder)
+
+
+def test_generator_samples_keep_patches_fill_targets_and_do_not_depend_on_their_batch(served_generator):
+    served = served_generator
+    assert (served.card.kind, served.card.patch_dim, served.card.vocab_size, served.card.png) == ("continuous", GP, None, False)
+    assert served.problem is None
+    given = {0: [0.25, -1.0], 3: [2, 0.5]}  # an int inside a patch is a number like any other
+    tasks = [
+        task(served, values=given, target="rest", num_samples=3, seed=5),
+        task(served, values=[None, [1.0, 1.0], None, None, None, None], target=[0, 4], seed=6),
+        task(served, values=given, target="rest", num_samples=3, seed=7),
+    ]
+    assert tasks[0].decoding is None and tasks[0].values.dtype == torch.float32
+    together = complete_tasks(served.model, tasks, served.device)
+    first = together[0]
+    assert first.shape == (3, GL, GP)
+    assert torch.equal(first[:, [0, 3]], torch.tensor([[0.25, -1.0], [2.0, 0.5]]).expand(3, -1, -1)), "sources unchanged"
+    assert torch.isfinite(first).all() and len({tuple(row.flatten().tolist()) for row in first}) == 3
+    assert (together[1][0, [2, 3, 5]] == 0).all(), "absent positions stay 0"
+    for t, batched in zip(tasks, together):
+        # The same noise; only float rounding differs between batch shapes (no discrete draw absorbs it).
+        assert torch.allclose(complete_tasks(served.model, [t], served.device)[0], batched, atol=1e-5)
+    assert torch.equal(complete_tasks(served.model, tasks, served.device)[0], first), "same batch, same bits"
+    assert not torch.allclose(together[0], together[2], atol=1e-3), "another seed, other samples"
+
+    answer = respond(tasks[0], first, served)
+    assert answer.steps is None and answer.order is None
+    assert answer.samples[0].values[0] == [0.25, -1.0] and len(answer.samples[0].values) == GL
+
+
+def test_generator_with_one_number_per_position_answers_numbers(tmp_path):
+    spec = ModelSpec(model=ModelConfig(d_model=16, num_layers=1, num_heads=2), length=2, patch_dim=1, noise_dim=2)
+    write_export(tmp_path, UniversalTransformer(spec).state_dict(), spec, {"name": "gmm", "kind": "continuous"}, {})
+    served = ExportedModel(tmp_path)
+    t = task(served, values=[0.5, None], seed=1, num_samples=2)
+    answer = respond(t, complete_tasks(served.model, [t], served.device)[0], served)
+    assert [s.values[0] for s in answer.samples] == [0.5, 0.5]
+    assert all(isinstance(v, float) for s in answer.samples for v in s.values)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"values": {0: [1.0]}}, "values[0] has 1 numbers; each known value of this model is a list of 2 numbers"),
+        ({"values": {0: 3}}, "values[0] has 1 numbers"),
+        ({"values": {0: [1.0, 2.0]}, "steps": 4}, "steps: this model is a BigLearn-GAN generator"),
+        ({"values": {0: [1.0, 2.0]}, "temperature": 0.5, "top_k": 2}, "temperature, top_k: this model"),
+        ({"values": {0: [1.0, 2.0]}, "return_png": True}, "not the pixels of an image"),
+        ({"values": {0: [1.0, 2.0]}, "target": [0]}, "both known and targets"),
+        ({"values": [[1.0, 2.0]] * GL}, "every position is known"),
+    ],
+)
+def test_bad_generator_requests_say_what_to_fix(served_generator, fields, message):
+    with pytest.raises(RequestError) as err:
+        task(served_generator, **fields)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("body", ['{"values": {"0": [1, NaN]}}', '{"values": {"0": Infinity}}', '{"values": {"0": [1, "2"]}}'])
+def test_schema_refuses_non_finite_or_non_numeric_patches(body):
+    with pytest.raises(ValidationError):
+        CompleteRequest.model_validate_json(body)
