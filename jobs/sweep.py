@@ -20,7 +20,7 @@ from biglearn.config import ConfigError, job_parser
 from biglearn.data.manifest import DatasetError
 from biglearn.train.run import PretrainError
 from biglearn.tune.config import load_sweep
-from biglearn.tune.results import write_results
+from biglearn.tune.results import SCORES, write_results
 from biglearn.tune.sweep import objective_metric, run_sweep, sweep_folder
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- results ---
     summary = write_results(grid, sweep, base, Path(sweep_folder(sweep)) / "results")
     print(f"\n[sweep] {len(summary.table)} trial(s): {summary.table.status.value_counts().to_dict()}")
-    print(summary.table.drop(columns=[c for c in summary.table if c.startswith("panel_")]).to_string(index=False))
+    print(summary.table.drop(columns=[c for c in summary.table if c.startswith(SCORES)]).to_string(index=False))
     if summary.best is None:
         print("[sweep] no trial ran all its steps: no best schedule written", file=sys.stderr)
         return 1

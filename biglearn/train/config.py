@@ -94,7 +94,8 @@ class EvalConfig(Config):
     """Validation examples the panel scores (null: all)."""
     checkpoint_panel_examples: PositiveInt | None = None
     """Also score the panel at every checkpoint, on rank 0, on the first this many validation
-    examples, and report it with the checkpoint (sweeps' intermediate objective); null: off."""
+    examples, and report it with the checkpoint (sweeps' intermediate objective); null: off. A
+    2-D mixture's BigLearn-GAN reports its joint samples' mode coverage instead."""
     decode_steps: PositiveInt = 16
     order: Order = "confidence"
     temperature: float = Field(0.7, ge=0)

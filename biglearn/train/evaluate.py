@@ -45,6 +45,30 @@ def checkpoint_panel(weights: dict[str, torch.Tensor], spec: ModelSpec, values_B
     return {**{f"panel_{task}": nll for task, nll in scores.items()}, "panel_mean": sum(scores.values()) / len(scores)}
 
 
+def is_mixture(manifest: Manifest, spec: ModelSpec) -> bool:
+    """A 2-D Gaussian mixture of the paper's simulations, generated as two 1-D positions."""
+    return manifest.name in MIXTURES and spec.length == 2 and spec.patch_dim == 1
+
+
+def joint_mode_coverage(model: UniversalTransformer, name: str, seed: int) -> dict[str, float]:
+    """`sample_coverage` of MIXTURE_SAMPLES joint samples (S = {}) of a mixture's generator."""
+    generator = torch.Generator().manual_seed(seed)
+    roles = torch.full((MIXTURE_SAMPLES, 2), TARGET, dtype=torch.int8)
+    samples = generate(model.eval(), torch.zeros(MIXTURE_SAMPLES, 2, 1), roles, generator)[..., 0].numpy()
+    return sample_coverage(samples, name)
+
+
+def checkpoint_modes(weights: dict[str, torch.Tensor], spec: ModelSpec, name: str, seed: int, precision: str) -> dict[str, float]:
+    """{"modes_missed": K - covered, "modes_covered", "high_quality"} of a mixture generator's
+    weights, on a copy of the model (a sweep's intermediate objective for the GAN)."""
+    model = UniversalTransformer(spec)
+    model.load_state_dict(weights)
+    with autocast(torch.device("cpu"), precision):
+        coverage = joint_mode_coverage(model, name, seed)
+    return {"modes_missed": coverage["modes"] - coverage["modes_covered"], "modes_covered": coverage["modes_covered"],
+            "high_quality": coverage["high_quality"]}
+
+
 def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model, spec = load_export(export)
@@ -96,11 +120,8 @@ def _evaluate_generator(export: Path, model, spec, data_uri: str, manifest: Mani
         shown = slice(0, cfg.num_shown)
         given = np.where(quality.top_half, quality.images, -1)
         _save_grid(export.parent / "completions.png", [quality.images[shown], given[shown], completions[shown], joint[shown]], (8, 8), 16)
-    if manifest.name in MIXTURES and spec.length == 2 and spec.patch_dim == 1:
-        generator = torch.Generator().manual_seed(cfg.seed)
-        roles = torch.full((MIXTURE_SAMPLES, 2), TARGET, dtype=torch.int8)
-        samples = generate(model.eval(), torch.zeros(MIXTURE_SAMPLES, 2, 1), roles, generator)[..., 0].numpy()
-        summary["modes"] = sample_coverage(samples, manifest.name)
+    if is_mixture(manifest, spec):
+        summary["modes"] = joint_mode_coverage(model, manifest.name, cfg.seed)
     (export / PANEL).write_text(json.dumps(summary, indent=2))
     return summary
 

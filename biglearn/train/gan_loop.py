@@ -29,6 +29,7 @@ from biglearn.objectives import family_stats
 from biglearn.roles import FAMILIES, Schedule, sample_roles, task_seed
 from biglearn.train.config import PretrainConfig
 from biglearn.train.engine import TAG, autocast, build_engine, full_state_dict
+from biglearn.train.evaluate import checkpoint_modes, is_mixture
 from biglearn.train.loop import (
     EXPORT,
     _all_sum,
@@ -129,7 +130,9 @@ def gan_loop_per_worker(payload: dict) -> None:
 
 
 def _save(engines: dict, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool):
-    weights = full_state_dict(engines["generator"]) if final else None  # a collective under ZeRO-3
+    # Mixtures score their modes at every checkpoint when asked (a sweep's objective).
+    scored = cfg.eval.checkpoint_panel_examples is not None and is_mixture(manifest, spec)
+    weights = full_state_dict(engines["generator"]) if final or scored else None  # a collective under ZeRO-3
 
     def save(folder: Path) -> None:
         for name, engine in engines.items():
@@ -137,4 +140,5 @@ def _save(engines: dict, state: dict, cfg: PretrainConfig, spec: ModelSpec, mani
         if rank == 0 and final:
             write_export(folder / EXPORT, weights, spec, manifest.model_dump(mode="json"), cfg.to_json())
 
-    report_checkpoint(state, rank, save)
+    scores = checkpoint_modes(weights, spec, manifest.name, cfg.eval.seed, cfg.train.precision) if scored and rank == 0 else {}
+    report_checkpoint(state, rank, save, scores)

@@ -17,7 +17,7 @@ from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 from biglearn.config import Config, ConfigError, apply_overrides, load_config, validate_config
 from biglearn.train.config import PretrainConfig
 
-SEARCHABLE = ("schedule", "optim")
+SEARCHABLE = ("schedule", "optim", "gan")
 
 
 class Dimension(Config):
@@ -92,7 +92,8 @@ class SweepConfig(Config):
     """Searched fields (dotted paths under schedule. or optim.) and how each is drawn."""
     objective: str = "mean"
     """Minimised: 'mean' (mean panel NLL over the panel's tasks) or one panel task's NLL (e.g.
-    bottom_half), scored at every checkpoint on `eval.checkpoint_panel_examples` validation examples."""
+    bottom_half), scored at every checkpoint on `eval.checkpoint_panel_examples` validation
+    examples; for a 2-D mixture's BigLearn-GAN, 'modes': the modes its joint samples miss."""
     panel_examples: PositiveInt = 128
     """Validation examples the objective is scored on at each checkpoint (the same ones for every
     trial; the panel's tasks are seeded per example, so scores compare across trials)."""

@@ -17,12 +17,15 @@ import yaml  # noqa: E402
 from ray.tune import ResultGrid  # noqa: E402
 
 from biglearn.train.config import PretrainConfig  # noqa: E402
+from biglearn.train.evaluate import MIXTURE_SAMPLES  # noqa: E402
 from biglearn.tune.config import SweepConfig, trial_config  # noqa: E402
 from biglearn.tune.sweep import objective_metric  # noqa: E402
 
 TABLE = "trials"
 BEST = "best.yaml"
 PLOT = "sweep.png"
+SCORES = ("panel_", "modes_", "high_quality")
+"""Prefixes of the scores a checkpoint reports: the panel's NLLs, or a mixture GAN's mode coverage."""
 
 
 @dataclass
@@ -46,7 +49,7 @@ def write_results(grid: ResultGrid, sweep: SweepConfig, base: PretrainConfig, fo
         row = {"trial": trial_id, "status": status, **{k: result.config.get(k) for k in sweep.space}}
         row.update(objective=last.get(metric, math.nan), step=step, checkpoints=last.get("training_iteration", 0),
                    seconds=last.get("time_total_s", math.nan))
-        row.update({k: v for k, v in last.items() if k.startswith("panel_")})
+        row.update({k: v for k, v in last.items() if k.startswith(SCORES)})
         rows.append(row)
         if history is not None and metric in history:
             curves.append((trial_id, status, history["timestamp"].to_numpy(), history[metric].to_numpy()))
@@ -74,7 +77,7 @@ def _write_best(path: Path, sweep: SweepConfig, base: PretrainConfig, best: dict
     searched = "\n".join(f"#   {key}: {value!r}" for key, value in values.items())
     header = (
         f"# Best schedule of sweep {sweep.name} (trial {best['trial']}): {metric} {best['objective']:.4f} on "
-        f"{sweep.panel_examples} validation examples\n"
+        f"{f'{MIXTURE_SAMPLES} joint samples' if sweep.objective == 'modes' else f'{sweep.panel_examples} validation examples'}\n"
         f"# at step {best['step']}, the lowest of the trials that ran all their steps. Searched values:\n{searched}\n"
         f"#   command:  python jobs/pretrain.py --config {path}\n"
         f"#   hardware, time: as the sweep's base recipe {sweep.base} (the same steps and workers)\n"

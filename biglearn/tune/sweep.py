@@ -25,6 +25,7 @@ from biglearn.config import ConfigError
 from biglearn.data.storage import absolute, join
 from biglearn.panel import panel_tasks
 from biglearn.train.config import PretrainConfig
+from biglearn.train.evaluate import MIXTURES
 from biglearn.train.run import connect, prepare_data, pretrain, with_absolute_paths
 from biglearn.tune.config import Dimension, SweepConfig, trial_config
 
@@ -32,6 +33,8 @@ RUNS = "runs"
 
 
 def objective_metric(sweep: SweepConfig) -> str:
+    if sweep.objective == "modes":
+        return "modes_missed"
     return "panel_mean" if sweep.objective == "mean" else f"panel_{sweep.objective}"
 
 
@@ -60,8 +63,14 @@ def run_sweep(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], Non
     """Runs (or resumes, when `<storage>/<name>` holds its state) the sweep; returns Tune's results."""
     base = with_absolute_paths(base)  # trials run in folders of Tune's
     manifest = prepare_data(base)  # once here, not racing in every trial
+    mixture_gan = manifest.kind == "continuous" and manifest.name in MIXTURES
+    if mixture_gan != (sweep.objective == "modes"):
+        raise ConfigError(
+            f"objective {sweep.objective!r} does not fit {manifest.name} ({manifest.kind}): 'modes' is the objective of a "
+            "2-D mixture's BigLearn-GAN, which reports no panel NLL; other data take 'mean' or a panel task"
+        )
     tasks = panel_tasks(manifest.length, manifest.grid)
-    if sweep.objective != "mean" and sweep.objective not in tasks:
+    if sweep.objective not in ("mean", "modes") and sweep.objective not in tasks:
         raise ConfigError(f"objective {sweep.objective!r} is not a panel task of this data; use mean or one of {', '.join(tasks)}")
     # Ray Train's default 60 s wait for a worker group restarts over and over while an autoscaler
     # boots nodes (minutes) or a busy machine starts worker processes.

@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from biglearn.data.prepare import write_source
+from biglearn.data.sources import GmmInput, GmmSource
 from tests.integration.conftest import wait_for
 from tests.integration.fake_cluster import FakeAutoscalingCluster
 
@@ -189,3 +191,50 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
             trained.kill()
         recorder.kill()
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def gmm25(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("data") / "gmm25")
+    write_source(GmmSource(GmmInput(kind="gmm", num_examples=4000)), path, name="gmm25", validation_fraction=0.1,
+                 seed=0, rows_per_shard=4000)
+    return path
+
+
+GMM_TINY = [
+    "model.d_model=32", "model.num_layers=1", "model.num_heads=2", "gan.noise_dim=4", "optim.batch_size=64",
+    "optim.warmup_steps=2", "train.steps=6", "train.log_every=3", "train.checkpoint_every=3", "cluster.torch_threads=1",
+]
+
+
+def gmm_sweep_config(path: Path, data: str, **fields) -> Path:
+    gmm = {"base": str(REPO / "jobs/configs/gmm25-gan-biglearn.yaml"),
+           "overrides": [f"data.path={data}", f"run.storage={path.parent / 'runs'}", *GMM_TINY],
+           "space": {"gan.transform_probability": {"grid": [0.0, 0.5]}}, "objective": "modes", "asha": None,
+           "num_samples": 1}
+    return sweep_config(path, data, **{**gmm, **fields})
+
+
+@pytest.mark.parametrize("data, objective", [("digits", "modes"), ("gmm25", "mean")])
+def test_objective_that_does_not_fit_the_data_is_refused(tmp_path, request, capsys, data, objective):
+    make = gmm_sweep_config if data == "gmm25" else sweep_config
+    config = make(tmp_path / "sweep.yaml", request.getfixturevalue(data), objective=objective)
+    assert sweep_job.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"objective '{objective}' does not fit" in err and "Traceback" not in err
+
+
+def test_gmm_gan_sweep_is_scored_by_the_modes_its_samples_miss(tmp_path, gmm25):
+    config = gmm_sweep_config(tmp_path / "sweep.yaml", gmm25)
+    swept = subprocess.run([sys.executable, str(REPO / "jobs/sweep.py"), "--config", str(config)],
+                           capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "sweeps" / "tiny" / "results" / "trials.csv")
+    assert len(table) == 2 and (table.status == "finished").all(), table
+    assert sorted(table["gan.transform_probability"]) == [0.0, 0.5]
+    # K - covered, of the 25 modes, at the last checkpoint; the same figure as modes_missed.
+    assert table.objective.between(0, 25).all() and (table.objective == table.modes_missed).all()
+    assert (table.objective == table.objective.round()).all()
+    assert {"modes_covered", "high_quality"} <= set(table)
+    best = yaml.safe_load((tmp_path / "sweeps" / "tiny" / "results" / "best.yaml").read_text())
+    assert best["gan"]["transform_probability"] in (0.0, 0.5)
