@@ -172,15 +172,6 @@ def _png_shape(spec: ModelSpec, geometry: dict | None) -> tuple[int, int] | None
     return (height, width) if height * width == spec.length and spec.vocab_size <= 256 else None
 
 
-def _no_decoding(request: "CompleteRequest") -> None:
-    """Generators draw in one pass: a decoding field would be silently ignored, so it is refused."""
-    given = [name for name in ("steps", "order", "temperature", "top_k") if getattr(request, name) is not None]
-    if given:
-        raise RequestError(
-            f"{', '.join(given)}: this model is a BigLearn-GAN generator, which draws every target in one "
-            "pass with noise; leave out steps, order, temperature and top_k"
-        )
-
 
 # --- requests -------------------------------------------------------------------------------
 
@@ -328,6 +319,15 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
         return_png=request.return_png,
     )
 
+
+def _no_decoding(request: CompleteRequest) -> None:
+    """Generators draw in one pass: a decoding field would be silently ignored, so it is refused."""
+    given = [name for name in ("steps", "order", "temperature", "top_k") if getattr(request, name) is not None]
+    if given:
+        raise RequestError(
+            f"{', '.join(given)}: this model is a BigLearn-GAN generator, which draws every target in one "
+            "pass with noise; leave out steps, order, temperature and top_k"
+        )
 
 def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, known_L): values_L int64 for a token model, values_LP float32 for a generator."""

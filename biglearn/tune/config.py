@@ -1,7 +1,7 @@
 """`SweepConfig`: the one typed config of jobs/sweep.py, and the search space it declares.
 
 A sweep is a base pretraining recipe (a jobs/configs/ YAML plus `--set`-style overrides) and a
-search space over its `schedule.*` and `optim.*` fields. Every value the space can produce is
+search space over its `schedule.*`, `optim.*` and `gan.*` fields. Every value the space can produce is
 checked against `PretrainConfig` before any trial starts, so a misspelt field, an empty choice
 or an inverted range is refused up front rather than found in trial 7's log.
 """
@@ -89,7 +89,7 @@ class SweepConfig(Config):
     overrides: list[str] = []
     """`key=value` overrides applied to the base recipe (as with --set), e.g. train.steps=300."""
     space: dict[str, Dimension] = {}
-    """Searched fields (dotted paths under schedule. or optim.) and how each is drawn."""
+    """Searched fields (dotted paths under schedule., optim. or gan.) and how each is drawn."""
     objective: str = "mean"
     """Minimised: 'mean' (mean panel NLL over the panel's tasks) or one panel task's NLL (e.g.
     bottom_half), scored at every checkpoint on `eval.checkpoint_panel_examples` validation

@@ -53,7 +53,7 @@ def write_results(grid: ResultGrid, sweep: SweepConfig, base: PretrainConfig, fo
         rows.append(row)
         if history is not None and metric in history:
             curves.append((trial_id, status, history["timestamp"].to_numpy(), history[metric].to_numpy()))
-    table = pd.DataFrame(rows).sort_values(["status", "objective"], key=_finished_first).reset_index(drop=True)
+    table = ranked(pd.DataFrame(rows))
     table.to_csv(folder / f"{TABLE}.csv", index=False)
     table.to_parquet(folder / f"{TABLE}.parquet", index=False)
 
@@ -63,6 +63,12 @@ def write_results(grid: ResultGrid, sweep: SweepConfig, base: PretrainConfig, fo
         _write_best(folder / BEST, sweep, base, best, metric)
     _plot(folder / PLOT, sweep, table, curves, metric)
     return SweepSummary(table=table, best=best, folder=folder)
+
+
+def ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Finished trials first, then by objective; ties go to the lower trial id, so the best
+    trial does not depend on the order Tune lists them in (it changes when a sweep resumes)."""
+    return table.sort_values(["status", "objective", "trial"], key=_finished_first, kind="stable").reset_index(drop=True)
 
 
 def _finished_first(column: pd.Series) -> pd.Series:
@@ -77,12 +83,18 @@ def _write_best(path: Path, sweep: SweepConfig, base: PretrainConfig, best: dict
     searched = "\n".join(f"#   {key}: {value!r}" for key, value in values.items())
     header = (
         f"# Best schedule of sweep {sweep.name} (trial {best['trial']}): {metric} {best['objective']:.4f} on "
-        f"{f'{MIXTURE_SAMPLES} joint samples' if sweep.objective == 'modes' else f'{sweep.panel_examples} validation examples'}\n"
+        f"{_scored_on(sweep)}\n"
         f"# at step {best['step']}, the lowest of the trials that ran all their steps. Searched values:\n{searched}\n"
         f"#   command:  python jobs/pretrain.py --config {path}\n"
         f"#   hardware, time: as the sweep's base recipe {sweep.base} (the same steps and workers)\n"
     )
     path.write_text(header + yaml.safe_dump(cfg.to_json(), sort_keys=False))
+
+
+def _scored_on(sweep: SweepConfig) -> str:
+    if sweep.objective == "modes":
+        return f"{MIXTURE_SAMPLES} joint samples"
+    return f"{sweep.panel_examples} validation examples"
 
 
 def _plain(value: Any) -> Any:
@@ -98,7 +110,7 @@ def _plot(path: Path, sweep: SweepConfig, table: pd.DataFrame, curves: list, met
     colour = {"finished": "tab:blue", "stopped early": "tab:orange", "error": "tab:red"}
     for trial_id, status, times, values in curves:
         axes[0].plot((times - start) / 60, values, marker="o", ms=3, color=colour[status], alpha=0.8)
-    axes[0].set(xlabel="minutes since the sweep started", ylabel=f"{metric} (validation, lower is better)",
+    axes[0].set(xlabel="minutes since the sweep started", ylabel=f"{metric} ({_scored_on(sweep)}; lower is better)",
                 title="objective per trial at each checkpoint")
     axes[0].plot([], [], color="tab:blue", label="finished")
     axes[0].plot([], [], color="tab:orange", label="stopped early (ASHA)")

@@ -169,11 +169,12 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
         ended = node_counts(counts)[-1][0]
         best_yaml = results / "best.yaml"
         assert yaml.safe_load(best_yaml.read_text())["optim"]["lr"] == 3e-3
-        trained = subprocess.Popen(
-            [sys.executable, str(REPO / "jobs/pretrain.py"), "--config", str(best_yaml), "--set", "train.steps=4",
-             "--set", f"run.storage={tmp_path / 'best'}"],
-            stdout=open(tmp_path / "best.log", "w"), stderr=subprocess.STDOUT, cwd=REPO,
-        )
+        with open(tmp_path / "best.log", "w") as best_log:  # the child keeps its own copy of the handle
+            trained = subprocess.Popen(
+                [sys.executable, str(REPO / "jobs/pretrain.py"), "--config", str(best_yaml), "--set", "train.steps=4",
+                 "--set", f"run.storage={tmp_path / 'best'}"],
+                stdout=best_log, stderr=subprocess.STDOUT, cwd=REPO,
+            )
 
         # --- scale-up while trials waited, scale-down once the sweep ended ---
         # Idle timeout 5 s, but each Train run's autoscaling request (Ray Train V2, fixed 180 s

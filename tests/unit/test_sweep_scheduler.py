@@ -1,4 +1,5 @@
-"""ResumableASHA: a resumed sweep's scheduler knows what the trials before the interruption reached."""
+"""Resuming a sweep: ResumableASHA knows what the trials before the interruption reached, and the
+results rank trials the same whatever order Tune lists them in."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
+
 from ray.tune.schedulers import TrialScheduler
 
+from biglearn.tune.results import ranked
 from biglearn.tune.sweep import ResumableASHA
 
 
@@ -59,3 +63,16 @@ def test_without_history_it_is_plain_asha(tmp_path):
     first = NewTrial("first")
     asha.on_trial_add(None, first)
     assert asha.on_trial_result(None, first, {"training_iteration": 1, "panel_mean": 9.0}) == TrialScheduler.CONTINUE
+
+
+def test_tied_trials_rank_the_same_in_any_listed_order():
+    rows = [
+        {"trial": "t_00002", "status": "finished", "objective": 4.0},
+        {"trial": "t_00003", "status": "stopped early", "objective": 1.0},
+        {"trial": "t_00000", "status": "finished", "objective": 4.0},
+        {"trial": "t_00001", "status": "finished", "objective": 9.0},
+        {"trial": "t_00004", "status": "error", "objective": float("nan")},
+    ]
+    expected = ["t_00000", "t_00002", "t_00001", "t_00003", "t_00004"]
+    for order in (rows, rows[::-1], rows[2:] + rows[:2]):
+        assert ranked(pd.DataFrame(order)).trial.tolist() == expected
