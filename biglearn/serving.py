@@ -172,7 +172,6 @@ def _png_shape(spec: ModelSpec, geometry: dict | None) -> tuple[int, int] | None
     return (height, width) if height * width == spec.length and spec.vocab_size <= 256 else None
 
 
-
 # --- requests -------------------------------------------------------------------------------
 
 
@@ -328,6 +327,7 @@ def _no_decoding(request: CompleteRequest) -> None:
             f"{', '.join(given)}: this model is a BigLearn-GAN generator, which draws every target in one "
             "pass with noise; leave out steps, order, temperature and top_k"
         )
+
 
 def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, known_L): values_L int64 for a token model, values_LP float32 for a generator."""
