@@ -11,6 +11,7 @@ serve/config.yaml and serves until Ctrl-C. Settings keys: biglearn.serving.Servi
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,14 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     # Replicas import `serve.app` from this checkout and reach the same object store as we do.
     env_vars = {"PYTHONPATH": str(REPO), **forwarded_env()}
     ray.init(_metrics_export_port=args.metrics_port, runtime_env={"env_vars": env_vars})
-    serve.start(http_options=http_options)
-    serve.run(app, **run_kwargs)
-    host, port = http_options.get("host", "127.0.0.1"), http_options.get("port", 8000)
-    print(f"[biglearn] serving on http://{host}:{port}/v1 (docs: /docs); metrics: http://127.0.0.1:{args.metrics_port}/metrics")
+    # After ray.init, which installs a SIGTERM handler that aborts the process: SIGTERM (a process
+    # manager, `ray job stop`, kill) stops us like Ctrl-C, and so does SIGINT when a shell started
+    # us in the background (which makes us ignore it).
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, signal.default_int_handler)
     try:
+        serve.start(http_options=http_options)
+        serve.run(app, **run_kwargs)
+        host, port = http_options.get("host", "127.0.0.1"), http_options.get("port", 8000)
+        print(f"[biglearn] serving on http://{host}:{port}/v1 (docs: /docs); metrics: http://127.0.0.1:{args.metrics_port}/metrics")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("[biglearn] stopping: shutting Serve down", flush=True)
         serve.shutdown()
     return 0
 
