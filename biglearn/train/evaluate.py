@@ -36,18 +36,22 @@ def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str,
 
 
 def checkpoint_panel(weights: dict[str, torch.Tensor], spec: ModelSpec, values_BL: torch.Tensor, steps: int, precision: str) -> dict[str, float]:
-    """{"panel_<task>": NLL, ..., "panel_mean": their mean} of these weights on `values_BL`,
-    scored on a copy of the model so the training engine's state is not touched."""
-    model = UniversalTransformer(spec)
-    model.load_state_dict(weights)
+    """{"panel_<task>": NLL, ..., "panel_mean": their mean} of these weights on `values_BL`."""
     with autocast(torch.device("cpu"), precision):
-        scores = evaluate_panel(model, values_BL, spec.grid, steps=steps)
+        scores = evaluate_panel(_model_copy(weights, spec), values_BL, spec.grid, steps=steps)
     return {**{f"panel_{task}": nll for task, nll in scores.items()}, "panel_mean": sum(scores.values()) / len(scores)}
 
 
-def is_mixture(manifest: Manifest, spec: ModelSpec) -> bool:
-    """A 2-D Gaussian mixture of the paper's simulations, generated as two 1-D positions."""
-    return manifest.name in MIXTURES and spec.length == 2 and spec.patch_dim == 1
+def _model_copy(weights: dict[str, torch.Tensor], spec: ModelSpec) -> UniversalTransformer:
+    """A model of its own for scoring a checkpoint, so the training engine's state is not touched."""
+    model = UniversalTransformer(spec)
+    model.load_state_dict(weights)
+    return model
+
+
+def is_mixture(manifest: Manifest) -> bool:
+    """A 2-D Gaussian mixture of the paper's simulations, as two continuous 1-D positions."""
+    return manifest.name in MIXTURES and manifest.kind == "continuous" and manifest.length == 2 and manifest.patch_dim == 1
 
 
 def joint_mode_coverage(model: UniversalTransformer, name: str, seed: int) -> dict[str, float]:
@@ -61,10 +65,8 @@ def joint_mode_coverage(model: UniversalTransformer, name: str, seed: int) -> di
 def checkpoint_modes(weights: dict[str, torch.Tensor], spec: ModelSpec, name: str, seed: int, precision: str) -> dict[str, float]:
     """{"modes_missed": K - covered, "modes_covered", "high_quality"} of a mixture generator's
     weights, on a copy of the model (a sweep's intermediate objective for the GAN)."""
-    model = UniversalTransformer(spec)
-    model.load_state_dict(weights)
     with autocast(torch.device("cpu"), precision):
-        coverage = joint_mode_coverage(model, name, seed)
+        coverage = joint_mode_coverage(_model_copy(weights, spec), name, seed)
     return {"modes_missed": coverage["modes"] - coverage["modes_covered"], "modes_covered": coverage["modes_covered"],
             "high_quality": coverage["high_quality"]}
 
@@ -120,7 +122,7 @@ def _evaluate_generator(export: Path, model, spec, data_uri: str, manifest: Mani
         shown = slice(0, cfg.num_shown)
         given = np.where(quality.top_half, quality.images, -1)
         _save_grid(export.parent / "completions.png", [quality.images[shown], given[shown], completions[shown], joint[shown]], (8, 8), 16)
-    if is_mixture(manifest, spec):
+    if is_mixture(manifest):
         summary["modes"] = joint_mode_coverage(model, manifest.name, cfg.seed)
     (export / PANEL).write_text(json.dumps(summary, indent=2))
     return summary

@@ -131,7 +131,7 @@ def gan_loop_per_worker(payload: dict) -> None:
 
 def _save(engines: dict, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool):
     # Mixtures score their modes at every checkpoint when asked (a sweep's objective).
-    scored = cfg.eval.checkpoint_panel_examples is not None and is_mixture(manifest, spec)
+    scored = cfg.eval.checkpoint_panel_examples is not None and is_mixture(manifest)
     weights = full_state_dict(engines["generator"]) if final or scored else None  # a collective under ZeRO-3
 
     def save(folder: Path) -> None:

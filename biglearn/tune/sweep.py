@@ -25,7 +25,7 @@ from biglearn.config import ConfigError
 from biglearn.data.storage import absolute, join
 from biglearn.panel import panel_tasks
 from biglearn.train.config import PretrainConfig
-from biglearn.train.evaluate import MIXTURES
+from biglearn.train.evaluate import is_mixture
 from biglearn.train.run import connect, prepare_data, pretrain, with_absolute_paths
 from biglearn.tune.config import Dimension, SweepConfig, trial_config
 
@@ -63,8 +63,7 @@ def run_sweep(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], Non
     """Runs (or resumes, when `<storage>/<name>` holds its state) the sweep; returns Tune's results."""
     base = with_absolute_paths(base)  # trials run in folders of Tune's
     manifest = prepare_data(base)  # once here, not racing in every trial
-    mixture_gan = manifest.kind == "continuous" and manifest.name in MIXTURES
-    if mixture_gan != (sweep.objective == "modes"):
+    if is_mixture(manifest) != (sweep.objective == "modes"):
         raise ConfigError(
             f"objective {sweep.objective!r} does not fit {manifest.name} ({manifest.kind}): 'modes' is the objective of a "
             "2-D mixture's BigLearn-GAN, which reports no panel NLL; other data take 'mean' or a panel task"
