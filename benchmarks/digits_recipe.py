@@ -16,6 +16,7 @@ Legend: B = batch, L = positions, V = vocabulary.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--order", nargs="+", default=["confidence"])
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     p.add_argument("--top-k", type=int, nargs="+", default=[0], help="0 = no top-k")
+    p.add_argument("--guidance", type=float, nargs="+", default=[0.0], help="guidance weights (0 = none)")
     p.add_argument("--save", default=None, help="write the state dict here")
     p.add_argument("--load", default=None, help="skip training: load this state dict and only score")
     return p.parse_args(argv)
@@ -118,17 +120,15 @@ def main(argv=None) -> None:
     panel = evaluate_panel(model, valid_BL, grid)
     print("final panel", json.dumps({k: round(v, 4) for k, v in panel.items()}))
     quality = DigitsQuality(args.data)
-    for steps in args.decode_steps:
-        for order in args.order:
-            for temperature in args.temperature:
-                for top_k in args.top_k:
-                    start = time.perf_counter()
-                    metrics, _, _ = quality.score(model, steps=steps, order=order, temperature=temperature,
-                                                  top_k=top_k or None)
-                    print(f"quality steps={steps} order={order} T={temperature} top_k={top_k}: "
-                          f"acc={metrics['completion_accuracy']:.4f} "
-                          f"joint_top={metrics['joint_top_class_probability']:.4f} "
-                          f"({time.perf_counter() - start:.1f}s)")
+    grid_of_decodings = itertools.product(args.decode_steps, args.order, args.temperature, args.top_k, args.guidance)
+    for steps, order, temperature, top_k, guidance in grid_of_decodings:
+        start = time.perf_counter()
+        metrics, _, _ = quality.score(model, steps=steps, order=order, temperature=temperature,
+                                      top_k=top_k or None, guidance=guidance)
+        print(f"quality steps={steps} order={order} T={temperature} top_k={top_k} guidance={guidance}: "
+              f"acc={metrics['completion_accuracy']:.4f} "
+              f"joint_top={metrics['joint_top_class_probability']:.4f} "
+              f"({time.perf_counter() - start:.1f}s)")
     print(f"train wall {train_seconds:.1f}s threads={args.threads}")
 
 

@@ -5,6 +5,12 @@ of them (random order, or the most confident first); committed targets become so
 next step. Sources are never changed; absent positions stay absent. Joint generation is the
 S = {} case. Everything random comes from an explicit generator.
 
+Guidance: the universal model knows p(x_i | x_S, decoded) and, with the given sources made
+absent, p(x_i | decoded) too, so it can sharpen every step toward what the condition explains,
+sampling from p(x_i | x_S, decoded) * (p(x_i | x_S, decoded) / p(x_i | decoded))^w. This is
+classifier-free guidance (Ho & Salimans, 2022) without the separately trained unconditional
+model: big learning trains both. It costs a second model call per step.
+
 Legend: B = batch, L = positions, V = vocabulary, N = remaining targets in the batch.
 """
 
@@ -14,9 +20,10 @@ from typing import Literal, Sequence
 
 import torch
 
-from biglearn.roles import SOURCE, TARGET
+from biglearn.roles import ABSENT, SOURCE, TARGET
 
 Order = Literal["random", "confidence"]
+LOG_FLOOR = -1e4
 
 
 def commit_counts(remaining_B: torch.Tensor, steps_left: int) -> torch.Tensor:
@@ -34,8 +41,11 @@ def complete(
     order: Order = "confidence",
     temperature: float = 1.0,
     top_k: int | None = None,
+    guidance: float = 0.0,
 ) -> torch.Tensor:
     """Fills every TARGET position of `values_BL`; returns the completed values (int64).
+
+    `guidance` is the weight w above (0: plain sampling; rows without sources are unaffected).
 
     `generator` is one generator for the batch, or one per row: then each row draws its own
     noise (a fixed amount per step), so a row's sample does not depend on the other rows, which
@@ -46,14 +56,20 @@ def complete(
     per_row = not isinstance(generator, torch.Generator)
     if per_row and len(generator) != values_BL.shape[0]:
         raise ValueError(f"got {len(generator)} generators for {values_BL.shape[0]} rows")
+    if guidance < 0:
+        raise ValueError("guidance must be >= 0")
     values_BL = values_BL.long().clone()
     roles_BL = roles_BL.clone()
     remaining_BL = roles_BL == TARGET
+    given_BL = roles_BL == SOURCE
+    guided = guidance > 0 and bool(given_BL.any())
     for step in range(steps):
         count_B = remaining_BL.sum(1)
         if not bool(count_B.any()):
             break
         logits_BLV = model(values_BL, roles_BL)
+        if guided:
+            logits_BLV = _guide(logits_BLV, model(values_BL, roles_BL.masked_fill(given_BL, ABSENT)), guidance)
         logits_NV = logits_BLV[remaining_BL].float()
         if per_row:
             draw_N = _row_uniforms(generator, remaining_BL)[remaining_BL]
@@ -77,6 +93,16 @@ def complete(
         roles_BL = torch.where(commit_BL, torch.full_like(roles_BL, SOURCE), roles_BL)
         remaining_BL &= ~commit_BL
     return values_BL
+
+
+def _guide(conditional_BLV: torch.Tensor, unconditional_BLV: torch.Tensor, weight: float) -> torch.Tensor:
+    """Log-probabilities log p_c + w (log p_c - log p_u), up to a constant per position.
+
+    Both are floored at LOG_FLOOR so that a value a model rules out (-inf) stays ruled out
+    instead of turning the difference into NaN."""
+    log_conditional = conditional_BLV.float().log_softmax(-1).clamp(min=LOG_FLOOR)
+    log_unconditional = unconditional_BLV.float().log_softmax(-1).clamp(min=LOG_FLOOR)
+    return log_conditional + weight * (log_conditional - log_unconditional)
 
 
 def _row_uniforms(generators: Sequence[torch.Generator], like_BL: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,7 @@ class DecodingConfig(Config):
     order: Order = "confidence"
     temperature: NonNegativeFloat = 1.0
     top_k: PositiveInt | None = None
+    guidance: NonNegativeFloat = 0.0
 
 
 class ServingConfig(Config):
@@ -216,6 +217,11 @@ class CompleteRequest(BaseModel):
     top_k: PositiveInt | None = None
     steps: PositiveInt | None = None
     order: Order | None = None
+    guidance: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="w > 0 sharpens the samples toward the known values: each step samples from "
+        "p(x | known) * (p(x | known) / p(x))^w, the same model asked again without the known values",
+    )
     return_png: bool = False
 
 
@@ -235,6 +241,7 @@ class CompleteResponse(BaseModel):
     temperature: float | None = None
     top_k: int | None = None
     order: Order | None = None
+    guidance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +250,7 @@ class Decoding:
     order: Order
     temperature: float
     top_k: int | None
+    guidance: float
 
 
 @dataclass(frozen=True)
@@ -282,6 +290,7 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
             order=request.order or cfg.decoding.order,
             temperature=cfg.decoding.temperature if request.temperature is None else request.temperature,
             top_k=request.top_k if request.top_k is not None else cfg.decoding.top_k,
+            guidance=cfg.decoding.guidance if request.guidance is None else request.guidance,
         )
         if decoding.steps > limits.max_steps:
             raise RequestError(f"steps is {decoding.steps}; this server allows at most {limits.max_steps}")
@@ -321,11 +330,12 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
 
 def _no_decoding(request: CompleteRequest) -> None:
     """Generators draw in one pass: a decoding field would be silently ignored, so it is refused."""
-    given = [name for name in ("steps", "order", "temperature", "top_k") if getattr(request, name) is not None]
+    fields = ("steps", "order", "temperature", "top_k", "guidance")
+    given = [name for name in fields if getattr(request, name) is not None]
     if given:
         raise RequestError(
             f"{', '.join(given)}: this model is a BigLearn-GAN generator, which draws every target in one "
-            "pass with noise; leave out steps, order, temperature and top_k"
+            f"pass with noise; leave out {', '.join(fields)}"
         )
 
 
@@ -426,7 +436,7 @@ def complete_tasks(model: torch.nn.Module, tasks: list[Task], device: torch.devi
     from a token model, values_NLP (float32) from a generator.
 
     Rows with different (S, T) share one model call; token tasks with different decoding settings
-    (steps, order, temperature, top-k) need separate calls, one per setting.
+    (steps, order, temperature, top-k, guidance) need separate calls, one per setting.
     """
     results: list[torch.Tensor | None] = [None] * len(tasks)
     by_decoding: dict[Decoding | None, list[int]] = {}
@@ -441,7 +451,8 @@ def complete_tasks(model: torch.nn.Module, tasks: list[Task], device: torch.devi
             out_B = generate(model, values_B, roles_BL, generators)
         else:
             out_B = complete(
-                model, values_B, roles_BL, generators, decoding.steps, decoding.order, decoding.temperature, decoding.top_k
+                model, values_B, roles_BL, generators, decoding.steps, decoding.order, decoding.temperature,
+                decoding.top_k, decoding.guidance,
             )
         for index, rows in zip(indices, out_B.cpu().split([t.num_samples for t in group])):
             results[index] = rows
@@ -462,4 +473,7 @@ def respond(task: Task, samples: torch.Tensor, served: ExportedModel) -> Complet
     d = task.decoding
     if d is None:
         return CompleteResponse(samples=answers, seed=task.seed)
-    return CompleteResponse(samples=answers, seed=task.seed, steps=d.steps, temperature=d.temperature, top_k=d.top_k, order=d.order)
+    return CompleteResponse(
+        samples=answers, seed=task.seed, steps=d.steps, temperature=d.temperature, top_k=d.top_k, order=d.order,
+        guidance=d.guidance,
+    )

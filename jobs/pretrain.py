@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             f"random of 5 nearest {refs['random_of_5_nearest']:.3f}); joint samples' mean top-class "
             f"probability {quality['joint_top_class_probability']:.3f}"
         )
+        if "completion_accuracy_unguided" in quality:
+            print(f"[biglearn] that is with guidance {cfg.eval.guidance:g}; without it: "
+                  f"{quality['completion_accuracy_unguided']:.3f}")
         print(f"[biglearn] completions: {outcome.run_folder}/completions.png")
     print(f"[biglearn] export: {outcome.export}")
     return 0

@@ -123,9 +123,12 @@ class DigitsQuality:
         roles = torch.where(torch.from_numpy(self.top_half_positions), SOURCE, TARGET).to(torch.int8).to(device)
         return device, generator, values, roles.expand(values.shape[:2]).contiguous()
 
-    def score(self, model, *, steps: int, order: str, temperature: float, top_k: int | None, seed: int = 0,
-              num_joint: int = 200) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-        """Returns ({metric: value}, completions [N, L], joint samples [num_joint, L])."""
+    def score(self, model, *, steps: int, order: str, temperature: float, top_k: int | None, guidance: float = 0.0,
+              seed: int = 0, num_joint: int = 200) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """Returns ({metric: value}, completions [N, L], joint samples [num_joint, L]).
+
+        With guidance, `completion_accuracy_unguided` scores the same decoding without it (joint
+        samples have no sources, so guidance leaves them alone)."""
         import torch
 
         from biglearn.generation import complete
@@ -135,15 +138,18 @@ class DigitsQuality:
         was_training = model.training
         model.eval()
         decode = dict(steps=steps, order=order, temperature=temperature, top_k=top_k)
-        completions = complete(model, values, roles, generator, **decode).cpu().numpy()
+        completions = complete(model, values, roles, generator, guidance=guidance, **decode).cpu().numpy()
         joint_roles = torch.full((num_joint, values.shape[1]), TARGET, dtype=torch.int8, device=device)
         joint = complete(model, torch.zeros_like(joint_roles, dtype=torch.long), joint_roles, generator, **decode)
         joint = joint.cpu().numpy()
-        model.train(was_training)
         metrics = {
             "completion_accuracy": self.judge.accuracy(completions, self.labels),
             "joint_top_class_probability": self.judge.mean_top_probability(joint),
         }
+        if guidance > 0:
+            unguided = complete(model, values, roles, generator, **decode).cpu().numpy()
+            metrics["completion_accuracy_unguided"] = self.judge.accuracy(unguided, self.labels)
+        model.train(was_training)
         return metrics, completions, joint
 
     def score_generator(self, model, *, seed: int = 0, num_joint: int = 200, noise_draws: int = 4

@@ -100,6 +100,9 @@ class EvalConfig(Config):
     order: Order = "confidence"
     temperature: float = Field(0.7, ge=0)
     top_k: PositiveInt | None = None
+    guidance: float = Field(0.0, ge=0)
+    """Guidance weight of the completions (biglearn/generation.py); above 0 the unguided
+    completion accuracy is reported beside the guided one."""
     seed: int = 0
     num_joint: PositiveInt = 200
     num_shown: PositiveInt = 16

@@ -89,6 +89,7 @@ def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: 
             order=cfg.order,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
+            guidance=cfg.guidance,
             seed=cfg.seed,
             num_joint=cfg.num_joint,
         )

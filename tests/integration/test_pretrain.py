@@ -30,7 +30,8 @@ def logged_steps(run_folder: str) -> list[int]:
 
 
 def test_sigkilled_worker_is_restarted_from_last_checkpoint(ray_cluster, digits, tmp_path):
-    cfg = tiny(digits, tmp_path, "killed", "cluster.max_failures=1", "train.faults=[{kind: kill, step: 7, rank: 1}]")
+    cfg = tiny(digits, tmp_path, "killed", "cluster.max_failures=1", "train.faults=[{kind: kill, step: 7, rank: 1}]",
+               "eval.guidance=1.0")
     outcome = pretrain(cfg)
 
     assert (tmp_path / "killed" / "faults" / "kill-rank1-step7").exists(), "the fault never fired"
@@ -46,6 +47,8 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint(ray_cluster, digits,
     panel = json.loads((export / "panel.json").read_text())["panel_nll"]
     assert {"joint", "bottom_half", "random_50"} <= set(panel)
     assert all(0 < v < 10 for v in panel.values())
+    quality = json.loads((export / "panel.json").read_text())["quality"]
+    assert {"completion_accuracy", "completion_accuracy_unguided", "joint_top_class_probability"} <= set(quality)
     assert (Path(outcome.run_folder) / "completions.png").stat().st_size > 0
     with torch.no_grad():
         logits = model(torch.zeros(1, 64, dtype=torch.long), torch.full((1, 64), 2, dtype=torch.int8))

@@ -146,6 +146,11 @@ def test_completions_keep_given_values_fill_targets_and_repeat_by_seed(server):
     # the list form with nulls is the same request
     listed = [known.get(i) for i in range(L)]
     assert post(base, {**body, "values": listed}).json() == first.json()
+    # guided: the same seed, other draws (a second, unconditional model call reweights them); sources kept
+    guided = post(base, {**body, "guidance": 2.0}).json()
+    assert guided["guidance"] == 2.0 and first.json()["guidance"] == 0.0
+    assert all(s["values"][k] == v for s in guided["samples"] for k, v in known.items())
+    assert guided["samples"] != first.json()["samples"]
 
     # explicit targets: only they are filled; positions in neither S nor T come back as 0
     partial = post(base, {"values": {"0": 5}, "target": [10, 20, 30], "seed": 3, "return_png": True}).json()

@@ -102,14 +102,15 @@ def decoding_task(batch: int = 8):
     return values, roles
 
 
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
 @pytest.mark.parametrize("order", ["confidence", "random"])
 @pytest.mark.parametrize("steps", [1, 3, LEN])
-def test_complete_fills_targets_only_and_is_seeded(order, steps):
+def test_complete_fills_targets_only_and_is_seeded(order, steps, guidance):
     model = make_model(std=0.05)  # a broad predictive distribution: sampling is visibly random
     values, roles = decoding_task()
     values_in, roles_in = values.clone(), roles.clone()
     target = roles == TARGET
-    kw = dict(steps=steps, order=order)
+    kw = dict(steps=steps, order=order, guidance=guidance)
     out = complete(model, values, roles, gen(0), temperature=1.0, **kw)
     assert out.dtype == torch.int64 and out.shape == values.shape
     assert torch.equal(out[~target], values[~target])  # sources and absent positions untouched
@@ -149,10 +150,40 @@ def test_top_k_1_equals_greedy(steps):
     assert torch.equal(complete(model, values, roles, gen(3), steps=1, order="random", top_k=1), greedy)
 
 
-def test_complete_rejects_zero_steps():
+class CueModel(nn.Module):
+    """Every position is 1 with probability 0.6 (else 0) when position 0 is a source holding 1,
+    and 1 or 0 evenly when it is not shown."""
+
+    def forward(self, values, roles):
+        cued_B = (roles[:, 0].long() == SOURCE) & (values[:, 0] == 1)
+        probs_BV = torch.zeros(values.shape[0], V)
+        probs_BV[:, 1] = torch.where(cued_B, 0.6, 0.5)
+        probs_BV[:, 0] = 1 - probs_BV[:, 1]
+        return probs_BV.log()[:, None, :].expand(-1, values.shape[1], -1)
+
+
+def test_guidance_samples_the_sharpened_conditional():
+    rows = 4000
+    roles = torch.full((rows, LEN), TARGET, dtype=torch.int8)
+    roles[:, 0] = SOURCE
+    values = torch.ones(rows, LEN, dtype=torch.long)
+    model = CueModel()
+    share_of_ones = {w: complete(model, values, roles, gen(0), steps=1, guidance=w)[:, 1:].float().mean().item()
+                     for w in (0.0, 3.0)}
+    # p(1) under guidance 3: 0.6 * 1.2^3 / (0.6 * 1.2^3 + 0.4 * 0.8^3) = 0.835
+    assert share_of_ones[0.0] == pytest.approx(0.6, abs=0.01)
+    assert share_of_ones[3.0] == pytest.approx(0.835, abs=0.01)
+    # with no sources there is nothing to guide toward: the very same draws
+    joint = torch.full((rows, LEN), TARGET, dtype=torch.int8)
+    assert torch.equal(complete(model, values, joint, gen(0), guidance=3.0), complete(model, values, joint, gen(0)))
+
+
+def test_complete_rejects_zero_steps_and_negative_guidance():
     values, roles = decoding_task()
     with pytest.raises(ValueError, match="steps"):
         complete(make_model(), values, roles, gen(0), steps=0)
+    with pytest.raises(ValueError, match="guidance"):
+        complete(make_model(), values, roles, gen(0), guidance=-1.0)
 
 
 def test_decoding_nll_single_step_equals_the_target_nll():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -148,6 +149,7 @@ def test_bad_requests_say_what_to_fix(served, fields, message):
         '{"values": {"0": true}}',
         '{"values": {"0": 1}, "num_samples": 0}',
         '{"values": {"0": 1}, "order": "sideways"}',
+        '{"values": {"0": 1}, "guidance": -1}',
     ],
 )
 def test_schema_refuses_malformed_fields(body):
@@ -157,9 +159,9 @@ def test_schema_refuses_malformed_fields(body):
 
 def test_decoding_defaults_come_from_config(served):
     t = task(served, values={0: 1})
-    assert (t.decoding.steps, t.decoding.order, t.decoding.temperature, t.decoding.top_k) == (4, "confidence", 1.0, None)
-    t = task(served, values={0: 1}, steps=2, order="random", temperature=0.5, top_k=3)
-    assert (t.decoding.steps, t.decoding.order, t.decoding.temperature, t.decoding.top_k) == (2, "random", 0.5, 3)
+    assert astuple(t.decoding) == (4, "confidence", 1.0, None, 0.0)
+    t = task(served, values={0: 1}, steps=2, order="random", temperature=0.5, top_k=3, guidance=1.5)
+    assert astuple(t.decoding) == (2, "random", 0.5, 3, 1.5)
 
 
 def test_serving_config_rejects_unknown_keys_and_unbatchable_limits():
@@ -341,6 +343,7 @@ def test_generator_with_one_number_per_position_answers_numbers(tmp_path):
         ({"values": {0: 3}}, "values[0] has 1 numbers"),
         ({"values": {0: [1.0, 2.0]}, "steps": 4}, "steps: this model is a BigLearn-GAN generator"),
         ({"values": {0: [1.0, 2.0]}, "temperature": 0.5, "top_k": 2}, "temperature, top_k: this model"),
+        ({"values": {0: [1.0, 2.0]}, "guidance": 1.0}, "guidance: this model is a BigLearn-GAN generator"),
         ({"values": {0: [1.0, 2.0]}, "return_png": True}, "not the pixels of an image"),
         ({"values": {0: [1.0, 2.0]}, "target": [0]}, "both known and targets"),
         ({"values": [[1.0, 2.0]] * GL}, "every position is known"),
