@@ -57,6 +57,11 @@ def prepare_data(cfg: PretrainConfig) -> Manifest:
         cfg.schedule.require_grid(manifest.grid)
     except ValueError as exc:
         raise DatasetError(f"{uri}: {exc}") from None
+    if manifest.kind == "continuous" and cfg.eval.guidance:
+        raise DatasetError(
+            f"{uri}: the data is continuous, so this run trains a BigLearn-GAN, which draws every target in one "
+            "pass: eval.guidance applies only to decoding token models; leave it at 0"
+        )
     return manifest
 
 

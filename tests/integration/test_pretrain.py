@@ -116,6 +116,15 @@ def test_bad_input_is_refused_before_training(overrides, expected, capsys):
     assert "Traceback" not in err
 
 
+def test_guidance_for_continuous_data_is_refused_before_training(tmp_path, capsys):
+    args = ["--set", f"data.path={tmp_path / 'patches'}", "--set", "data.embedded=digits-patches",
+            "--set", "eval.guidance=1", "--set", f"run.storage={tmp_path / 'runs'}"]
+    assert pretrain_job.main(args) == 2
+    err = capsys.readouterr().err
+    assert "eval.guidance applies only to decoding token models" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_corrupted_shard_is_named(tmp_path, capsys):
     data = tmp_path / "digits"
     ensure_digits(str(data))
