@@ -158,9 +158,12 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
         assert (table.status == "stopped early").sum() >= 1, table
         assert (table.status == "finished").sum() >= 1, table
         stopped = table[table.status == "stopped early"]
-        assert (stopped.step < 8).all() and (stopped["optim.lr"] == 1e-6).all()
+        assert (stopped.step < 8).all()
+        # ASHA compares a trial with those already at its rung, so which trials it stops depends on
+        # their arrival order (a good trial arriving after a better one is stopped too); what it
+        # guarantees is that the first good trial at the rung goes on and finishes best.
         best = table[table.status == "finished"].sort_values("objective").iloc[0]
-        assert best["optim.lr"] == 3e-3
+        assert best["optim.lr"] == 3e-3 and (stopped.objective > best.objective).all()
         png = (results / "sweep.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
