@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import io
 import json
@@ -330,7 +331,7 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
 
 def _no_decoding(request: CompleteRequest) -> None:
     """Generators draw in one pass: a decoding field would be silently ignored, so it is refused."""
-    fields = ("steps", "order", "temperature", "top_k", "guidance")
+    fields = [field.name for field in dataclasses.fields(Decoding)]
     given = [name for name in fields if getattr(request, name) is not None]
     if given:
         raise RequestError(
@@ -450,10 +451,7 @@ def complete_tasks(model: torch.nn.Module, tasks: list[Task], device: torch.devi
         if decoding is None:
             out_B = generate(model, values_B, roles_BL, generators)
         else:
-            out_B = complete(
-                model, values_B, roles_BL, generators, decoding.steps, decoding.order, decoding.temperature,
-                decoding.top_k, decoding.guidance,
-            )
+            out_B = complete(model, values_B, roles_BL, generators, **dataclasses.asdict(decoding))
         for index, rows in zip(indices, out_B.cpu().split([t.num_samples for t in group])):
             results[index] = rows
     return results
