@@ -59,7 +59,7 @@ class LimitsConfig(Config):
     max_num_samples: PositiveInt = 16
     max_steps: PositiveInt = 256
     max_length: PositiveInt = 16_384  # refuse to load a model whose sequences are longer
-    max_tokens_per_request: PositiveInt = 65_536  # num_samples * L: bounds one request's work
+    max_tokens_per_request: PositiveInt = 65_536  # num_samples * L (x2 with guidance): bounds one request's work
 
 
 class BatchingConfig(Config):
@@ -278,10 +278,6 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
     length = spec.length
     if request.num_samples > limits.max_num_samples:
         raise RequestError(f"num_samples is {request.num_samples}; this server allows at most {limits.max_num_samples}")
-    if request.num_samples * length > limits.max_tokens_per_request:
-        raise RequestError(
-            f"num_samples * length = {request.num_samples * length} exceeds {limits.max_tokens_per_request}; ask for fewer samples"
-        )
     decoding = None
     if spec.continuous:
         _no_decoding(request)
@@ -295,6 +291,11 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
         )
         if decoding.steps > limits.max_steps:
             raise RequestError(f"steps is {decoding.steps}; this server allows at most {limits.max_steps}")
+    # Guidance decodes every row twice (with and without the given values), so it counts twice.
+    passes = 2 if decoding is not None and decoding.guidance > 0 else 1
+    if request.num_samples * length * passes > limits.max_tokens_per_request:
+        work = f"num_samples * length{' * 2 (guidance)' if passes == 2 else ''} = {request.num_samples * length * passes}"
+        raise RequestError(f"{work} exceeds {limits.max_tokens_per_request}; ask for fewer samples")
     if request.return_png and served.image_shape is None:
         raise RequestError("return_png: this model's positions are not the pixels of an image; leave it false")
 

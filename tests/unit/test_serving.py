@@ -164,6 +164,16 @@ def test_decoding_defaults_come_from_config(served):
     assert astuple(t.decoding) == (2, "random", 0.5, 3, 1.5)
 
 
+def test_guidance_counts_twice_against_a_requests_work_limit(served):
+    cfg = ServingConfig(limits={"max_num_samples": 8, "max_tokens_per_request": 4 * L})
+    assert parse_request(CompleteRequest(values={0: 1}, num_samples=4), served, cfg).num_samples == 4
+    assert parse_request(CompleteRequest(values={0: 1}, num_samples=2, guidance=1.0), served, cfg).num_samples == 2
+    with pytest.raises(RequestError, match=rf"num_samples \* length \* 2 \(guidance\) = {8 * L} exceeds {4 * L}"):
+        parse_request(CompleteRequest(values={0: 1}, num_samples=4, guidance=1.0), served, cfg)
+    with pytest.raises(RequestError, match=rf"num_samples \* length = {5 * L} exceeds"):
+        parse_request(CompleteRequest(values={0: 1}, num_samples=5), served, cfg)
+
+
 def test_serving_config_rejects_unknown_keys_and_unbatchable_limits():
     with pytest.raises(ConfigError, match="unknown key 'batching.max_rows'"):
         validate_config(ServingConfig, {"batching": {"max_rows": 4}})
