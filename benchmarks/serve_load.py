@@ -3,8 +3,9 @@
     python benchmarks/serve_load.py                          # untrained, digits-quick size
     python benchmarks/serve_load.py --size small             # d_model 64, 2 layers
     python benchmarks/serve_load.py --export runs/digits-quick/export --requests 300
+    python benchmarks/serve_load.py --gpu                    # the replica and the in-process call on one GPU
 
-One local Ray, one replica (1 CPU, 1 torch thread, access log off), loopback only. For each concurrency, that
+One local Ray, one replica (1 CPU, 1 torch thread, access log off; with --gpu also 1 GPU), loopback only. For each concurrency, that
 many asyncio clients send half-image completions (top half given, 16 decoding steps) until
 --requests are answered or --seconds pass. The in-process rows run the same requests through
 biglearn.serving directly, `concurrency` of them per model call (perfect batching, no HTTP).
@@ -84,8 +85,8 @@ async def _load(url: str, concurrency: int, max_requests: int, max_seconds: floa
     return {"rps": len(latencies) / wall, "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99), "n": len(latencies), "failed": len(failures)}
 
 
-def in_process(export: str, concurrency: int, repeats: int) -> dict:
-    served = ExportedModel(export)
+def in_process(export: str, concurrency: int, repeats: int, device: str) -> dict:
+    served = ExportedModel(export, device)
     cfg = ServingConfig()
     times = []
     for r in range(repeats):
@@ -102,7 +103,10 @@ def main() -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="quick", help="model size without --export (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=240, help="most requests per cell (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=15, help="most seconds per cell (default: %(default)s)")
+    parser.add_argument("--gpu", action="store_true", help="give the replica a GPU, and run the in-process call on it")
     args = parser.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: torch sees no CUDA GPU on this machine")
     torch.set_num_threads(1)
     export = args.export or random_export(Path(tempfile.mkdtemp()) / "export", args.size)
 
@@ -120,7 +124,8 @@ def main() -> int:
         app, run_kwargs, _ = app_from_config(
             export=export,
             overrides=[f"batching.enabled={str(batching).lower()}", "batching.max_batch_rows=32", "torch_threads=1"],
-            deployment={"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": -1, "ray_actor_options": {"num_cpus": 1}, "logging_config": {"enable_access_log": False}},
+            deployment={"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": -1,
+                        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.gpu else 0}, "logging_config": {"enable_access_log": False}},
         )
         serve.run(app, **run_kwargs)
         load(url, 4, 16, 30)  # warm-up: first calls pay for lazy initialisation
@@ -130,7 +135,7 @@ def main() -> int:
     serve.shutdown()
     ray.shutdown()
     for c in CONCURRENCY:
-        results[("model", c)] = in_process(export, c, repeats=max(3, 48 // c))
+        results[("model", c)] = in_process(export, c, repeats=max(3, 48 // c), device="cuda" if args.gpu else "cpu")
 
     print("\nconcurrency | batching on: req/s  p50 ms  p99 ms | batching off: req/s  p50 ms  p99 ms | in-process call: req/s  ms/call | on/off")
     for c in CONCURRENCY:
