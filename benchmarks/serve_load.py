@@ -107,6 +107,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: torch sees no CUDA GPU on this machine")
+    device = "cuda" if args.gpu else "cpu"
     torch.set_num_threads(1)
     export = args.export or random_export(Path(tempfile.mkdtemp()) / "export", args.size)
 
@@ -135,7 +136,7 @@ def main() -> int:
     serve.shutdown()
     ray.shutdown()
     for c in CONCURRENCY:
-        results[("model", c)] = in_process(export, c, repeats=max(3, 48 // c), device="cuda" if args.gpu else "cpu")
+        results[("model", c)] = in_process(export, c, repeats=max(3, 48 // c), device=device)
 
     print("\nconcurrency | batching on: req/s  p50 ms  p99 ms | batching off: req/s  p50 ms  p99 ms | in-process call: req/s  ms/call | on/off")
     for c in CONCURRENCY:

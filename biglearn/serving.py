@@ -472,7 +472,4 @@ def respond(task: Task, samples: torch.Tensor, served: ExportedModel) -> Complet
     d = task.decoding
     if d is None:
         return CompleteResponse(samples=answers, seed=task.seed)
-    return CompleteResponse(
-        samples=answers, seed=task.seed, steps=d.steps, temperature=d.temperature, top_k=d.top_k, order=d.order,
-        guidance=d.guidance,
-    )
+    return CompleteResponse(samples=answers, seed=task.seed, **dataclasses.asdict(d))
