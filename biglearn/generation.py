@@ -11,7 +11,7 @@ sampling from p(x_i | x_S, decoded) * (p(x_i | x_S, decoded) / p(x_i | decoded))
 classifier-free guidance (Ho & Salimans, 2022) without the separately trained unconditional
 model: big learning trains both. It costs a second model call per step.
 
-Legend: B = batch, L = positions, V = vocabulary, N = remaining targets in the batch.
+Legend: B = batch, L = positions, V = vocabulary, N = remaining targets in the batch, G = guided rows.
 """
 
 from __future__ import annotations
@@ -62,14 +62,18 @@ def complete(
     roles_BL = roles_BL.clone()
     remaining_BL = roles_BL == TARGET
     given_BL = roles_BL == SOURCE
-    guided = guidance > 0 and bool(given_BL.any())
+    # Rows without sources have nothing to guide toward: only rows with some get the second call.
+    guided_B = given_BL.any(1) if guidance > 0 else torch.zeros_like(given_BL[:, 0])
+    guided = bool(guided_B.any())
     for step in range(steps):
         count_B = remaining_BL.sum(1)
         if not bool(count_B.any()):
             break
         logits_BLV = model(values_BL, roles_BL)
         if guided:
-            logits_BLV = _guide(logits_BLV, model(values_BL, roles_BL.masked_fill(given_BL, ABSENT)), guidance)
+            unconditional_GLV = model(values_BL[guided_B], roles_BL[guided_B].masked_fill(given_BL[guided_B], ABSENT))
+            logits_BLV = logits_BLV.float()
+            logits_BLV[guided_B] = _guide(logits_BLV[guided_B], unconditional_GLV, guidance)
         logits_NV = logits_BLV[remaining_BL].float()
         if per_row:
             draw_N = _row_uniforms(generator, remaining_BL)[remaining_BL]

@@ -178,6 +178,22 @@ def test_guidance_samples_the_sharpened_conditional():
     assert torch.equal(complete(model, values, joint, gen(0), guidance=3.0), complete(model, values, joint, gen(0)))
 
 
+def test_guidance_calls_the_model_again_only_for_rows_with_sources():
+    rows = 4000
+    roles = torch.full((rows, LEN), TARGET, dtype=torch.int8)
+    roles[: rows // 2, 0] = SOURCE
+    values = torch.ones(rows, LEN, dtype=torch.long)
+    model = CueModel()
+    seen_rows = []
+    model.register_forward_hook(lambda module, args, out: seen_rows.append(args[0].shape[0]))
+    guided = complete(model, values, roles, [gen(i) for i in range(rows)], steps=1, guidance=3.0)
+    assert seen_rows == [rows, rows // 2]
+    # per-row generators: each row draws as it would alone, so the unsourced half matches plain sampling
+    plain = complete(model, values, roles, [gen(i) for i in range(rows)], steps=1)
+    assert torch.equal(guided[rows // 2 :], plain[rows // 2 :])
+    assert guided[: rows // 2, 1:].float().mean().item() == pytest.approx(0.835, abs=0.015)
+
+
 def test_complete_rejects_zero_steps_and_negative_guidance():
     values, roles = decoding_task()
     with pytest.raises(ValueError, match="steps"):
