@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlp-ratio", type=float, default=4.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--no-drop-absent", action="store_true")
+    p.add_argument("--summary-width", type=int, default=0, help="the summary path's hidden width (0 = off)")
     p.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (weights and optimizer stay float32)")
     # schedule and loss
@@ -101,7 +102,8 @@ def main(argv=None) -> None:
     valid_BL = torch.from_numpy(read_split(args.data, manifest, "validation")["values"]).long()
     grid = manifest.grid
     model_cfg = ModelConfig(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
-                            mlp_ratio=args.mlp_ratio, dropout=args.dropout, drop_absent=not args.no_drop_absent)
+                            mlp_ratio=args.mlp_ratio, dropout=args.dropout, drop_absent=not args.no_drop_absent,
+                            summary_width=args.summary_width)
     spec = ModelSpec(model=model_cfg, length=manifest.length, vocab_size=manifest.vocab_size, grid=grid)
     model = UniversalTransformer(spec)
     schedule = schedule_from(args.family)

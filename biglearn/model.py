@@ -43,6 +43,14 @@ class ModelConfig(Config):
     mlp_ratio: float = Field(4.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     drop_absent: bool = True
+    summary_width: NonNegativeInt = 0
+    """> 0 adds a global path of this hidden width: an MLP over all the example's source values at
+    once (one-hot tokens or patches, zeros elsewhere; a critic's sees its targets too, in a second
+    channel) whose output joins every position's input.
+    Attention has to learn to pool the sources; this path sees them all from the first layer,
+    like a classifier over the raw input. On the digits it lifted completion accuracy by 5-9
+    points at equal steps and cost 0.01-0.07 nats of panel NLL (benchmarks/README.md). It ties
+    the model to its trained length."""
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -145,12 +153,21 @@ class UniversalTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, explicit_attention=spec.critic) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, 1 if spec.critic else spec.patch_dim or spec.vocab_size)
+        self.summary = None
+        if cfg.summary_width:
+            # A critic's path sees sources and targets in separate channels: it judges whether they agree.
+            features = spec.length * (spec.patch_dim or spec.vocab_size) * (2 if spec.critic else 1)
+            self.summary = nn.Sequential(
+                nn.Linear(features, cfg.summary_width), nn.GELU(), nn.Linear(cfg.summary_width, d)
+            )
         self.checkpoint_activations = False  # recompute blocks in backward: less memory, more time
         self.apply(_init_weights)
         positions = [self.row_embed, self.col_embed] if self.grid_positions else [self.pos_embed]
         critic = [self.class_embed, self.view_embed] if spec.critic else []
         for param in [*positions, self.mask_embed, *critic]:  # this order keeps discrete inits as they were
             nn.init.normal_(param, std=0.02)
+        if self.summary is not None:
+            nn.init.zeros_(self.summary[-1].weight)  # the path starts silent and grows in training
         if spec.noise_dim:
             # Noise must move the output from the first step, else the generator starts out
             # deterministic and the critic teaches it one answer per input.
@@ -161,6 +178,17 @@ class UniversalTransformer(nn.Module):
         if self.grid_positions:
             return (self.row_embed[:, None, :] + self.col_embed[None, :, :]).flatten(0, 1)
         return self.pos_embed
+
+    def _shown_features(self, values: torch.Tensor, roles_BL: torch.Tensor) -> torch.Tensor:
+        """features_BLF for the summary path: one-hot tokens or patches at sources (and, for a
+        critic, at targets in a second channel), zeros elsewhere."""
+        dtype = self.summary[0].weight.dtype
+        if self.spec.continuous:
+            features_BLF = values.to(dtype)
+        else:
+            features_BLF = F.one_hot(values.long().clamp(0, self.spec.vocab_size - 1), self.spec.vocab_size).to(dtype)
+        channels = [SOURCE, TARGET] if self.spec.critic else [SOURCE]
+        return torch.cat([features_BLF * (roles_BL == role)[..., None].to(dtype) for role in channels], -1)
 
     def forward(
         self,
@@ -185,6 +213,8 @@ class UniversalTransformer(nn.Module):
             is_shown_BL[..., None], shown_BLD, torch.where((roles_BL == TARGET)[..., None], hidden_BLD, 0.0)
         )
         x_BLD = x_BLD + self.role_embed(roles_BL) + self.positions()
+        if self.summary is not None:
+            x_BLD = x_BLD + self.summary(self._shown_features(values, roles_BL).flatten(1))[:, None, :]
         if spec.critic and transformed_B is not None:
             x_BLD = x_BLD + transformed_B.to(x_BLD.dtype)[:, None, None] * self.view_embed
         keep_BK, attend_B11K = None, None

@@ -19,9 +19,11 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make(critic: bool = False, patch_dim: int = P, grid=GRID, length: int = L, std: float | None = 0.3) -> UniversalTransformer:
+def make(critic: bool = False, patch_dim: int = P, grid=GRID, length: int = L, std: float | None = 0.3,
+         summary_width: int = 0) -> UniversalTransformer:
     spec = ModelSpec(
-        model=ModelConfig(d_model=32, num_layers=2, num_heads=4), length=length, patch_dim=patch_dim, grid=grid,
+        model=ModelConfig(d_model=32, num_layers=2, num_heads=4, summary_width=summary_width), length=length,
+        patch_dim=patch_dim, grid=grid,
         noise_dim=0 if critic else Z, critic=critic,
     )
     model = UniversalTransformer(spec)
@@ -55,8 +57,9 @@ def test_generator_keeps_sources_and_absent_positions_exactly_and_samples_vary()
         model(values, roles)
 
 
-def test_critic_is_told_the_roles_and_ignores_absent_positions():
-    critic = make(critic=True).eval()
+@pytest.mark.parametrize("summary_width", [0, 8])
+def test_critic_is_told_the_roles_and_ignores_absent_positions(summary_width):
+    critic = make(critic=True, summary_width=summary_width).eval()
     values, roles = batch()
     with torch.no_grad():
         score = critic(values, roles)

@@ -17,9 +17,9 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_model(drop_absent: bool = True, std: float = 0.3, length: int = LEN) -> UniversalTransformer:
+def make_model(drop_absent: bool = True, std: float = 0.3, length: int = LEN, summary_width: int = 0) -> UniversalTransformer:
     """A tiny model whose weights are redrawn with a larger spread, so that context matters."""
-    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, drop_absent=drop_absent)
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, drop_absent=drop_absent, summary_width=summary_width)
     model = UniversalTransformer(ModelSpec(model=cfg, length=length, vocab_size=V)).eval()
     g = gen(1234)
     with torch.no_grad():
@@ -37,9 +37,9 @@ def random_task(batch: int = 6, seed: int = 0):
     return values, roles
 
 
-@pytest.mark.parametrize("drop_absent", [True, False])
-def test_model_never_sees_values_at_targets_or_absent_positions(drop_absent):
-    model = make_model(drop_absent)
+@pytest.mark.parametrize("drop_absent, summary_width", [(True, 0), (False, 0), (True, 16)])
+def test_model_never_sees_values_at_targets_or_absent_positions(drop_absent, summary_width):
+    model = make_model(drop_absent, summary_width=summary_width)
     values, roles = random_task()
     hidden = roles != SOURCE
     # anything at all, even out of the vocabulary, may sit at hidden positions
