@@ -3,7 +3,8 @@
 Each position's input is value + role + position embedding: sources show their value, targets a
 learned mask embedding, absent positions nothing. With `drop_absent`, absent positions leave the
 attended sequence entirely (their position ids are kept by the remaining ones), which makes
-marginal tasks cheaper.
+marginal tasks cheaper. With `summary_width`, every position's input also gets the output of an
+MLP over all the example's sources at once (the summary path; see ModelConfig).
 
 The same blocks serve three uses, chosen by the `ModelSpec`:
   * discrete tokens (`vocab_size`): token embedding in, logits over V out (maximum likelihood);
@@ -21,7 +22,7 @@ Discrete image tokens keep the per-position table: exports already trained that 
 they are.
 
 Legend: B = batch, L = positions, K = kept positions, D = model width, H = heads, E = head width,
-V = vocabulary, P = patch dimension, Z = noise dimension.
+V = vocabulary, P = patch dimension, Z = noise dimension, F = summary features per position.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class ModelConfig(Config):
     channel) whose output joins every position's input.
     Attention has to learn to pool the sources; this path sees them all from the first layer,
     like a classifier over the raw input. On the digits it lifted completion accuracy by 5-9
-    points at equal steps and cost 0.01-0.07 nats of panel NLL (benchmarks/README.md). It ties
-    the model to its trained length."""
+    points at equal steps, and made the panel NLL worse by 0.01-0.07 nats at 1,000 steps and
+    0.15 at 2,000 (benchmarks/README.md). It ties the model to its trained length."""
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
