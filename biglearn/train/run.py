@@ -73,10 +73,6 @@ def connect(cluster: ClusterConfig, env: dict[str, str] | None = None) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    # Blocks reach a worker in the order they were read, not in the order reads finish: one
-    # worker's run is then reproducible bit for bit, and a resumed run skips exactly the batches
-    # it consumed before. Ingest is orders of magnitude faster than training (benchmarks/ingest.py).
-    context.execution_options.preserve_order = True
     if not ray.is_initialized():
         # address None: RAY_ADDRESS if set, else a new local Ray. Workers on other nodes need the
         # same S3 endpoint/region settings as this driver (credentials come from their own chain).
@@ -125,8 +121,7 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[ray.train.UserCallback] = 
             callbacks=list(callbacks),
         ),
         datasets={"train": train_data},
-        # The driver's data settings (preserve_order above), resolved here rather than wherever Train runs them.
-        dataset_config=ray.train.DataConfig(execution_options=ray.train.DataConfig.default_ingest_options()),
+        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest_options()),
     )
     print(
         f"[biglearn] run {cfg.run.name}: {'BigLearn-GAN, ' if manifest.kind == 'continuous' else ''}{cfg.train.steps} steps, {cfg.cluster.num_workers} worker(s), "
@@ -163,19 +158,32 @@ def _precision(use_gpu: bool, precision: str) -> str:
 
 
 def shard_dataset(path: str, manifest: Manifest, split: str, block_bytes: int) -> ray.data.Dataset:
-    """A split's `values` as a Ray Dataset read lazily in blocks of at most `block_bytes`.
+    """A split's `values` as a Ray Dataset read lazily in blocks of at most `block_bytes`, which
+    hands its blocks on in the order they were read.
 
     Ray Data otherwise packs small shard files into blocks of up to 128 MiB, and a training worker
     holds the block it is reading: its memory then grows with the dataset up to that size
-    (benchmarks/ingest.py measured it). A Dataset keeps the DataContext it was created under, so
-    the setting is scoped to this one.
+    (benchmarks/ingest.py measured it). It would also hand blocks on in the order their reads
+    finish, which changes from run to run. In read order, one worker's run is reproducible bit
+    for bit and a resumed run skips exactly the batches it consumed. A Dataset keeps (a deep copy
+    of) the DataContext it was created under, so both settings are scoped to this one.
     """
     context = ray.data.DataContext.get_current()
-    default, context.target_max_block_size = context.target_max_block_size, block_bytes
+    block_default, context.target_max_block_size = context.target_max_block_size, block_bytes
+    order_default, context.execution_options.preserve_order = context.execution_options.preserve_order, True
     try:
         return ray.data.read_parquet(shard_uris(path, manifest, split)).select_columns(["values"])
     finally:
-        context.target_max_block_size = default
+        context.target_max_block_size = block_default
+        context.execution_options.preserve_order = order_default
+
+
+def ordered_ingest_options() -> "ray.data.ExecutionOptions":
+    """Train's ingest options: the driver's, in read order. Train replaces a dataset's own
+    execution options with these, so shard_dataset's order would not reach the workers otherwise."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
