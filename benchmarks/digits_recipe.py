@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--no-drop-absent", action="store_true")
     p.add_argument("--summary-width", type=int, default=0, help="the summary path's hidden width (0 = off)")
+    p.add_argument("--retrieval", type=int, default=0, help="neighbours retrieved from the training split (0 = off)")
     p.add_argument("--bf16", action="store_true",
                    help="train under bfloat16 autocast (weights and optimizer stay float32)")
     # schedule and loss
@@ -103,9 +104,12 @@ def main(argv=None) -> None:
     grid = manifest.grid
     model_cfg = ModelConfig(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
                             mlp_ratio=args.mlp_ratio, dropout=args.dropout, drop_absent=not args.no_drop_absent,
-                            summary_width=args.summary_width)
-    spec = ModelSpec(model=model_cfg, length=manifest.length, vocab_size=manifest.vocab_size, grid=grid)
+                            summary_width=args.summary_width, retrieval_neighbours=args.retrieval)
+    spec = ModelSpec(model=model_cfg, length=manifest.length, vocab_size=manifest.vocab_size, grid=grid,
+                     memory_rows=len(train_BL) if args.retrieval else 0)
     model = UniversalTransformer(spec)
+    if args.retrieval:
+        model.memory.remember(train_BL)
     schedule = schedule_from(args.family)
     print("config", json.dumps({k: v for k, v in vars(args).items() if k != "family"}))
     print("schedule", schedule.model_dump_json())

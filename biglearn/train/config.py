@@ -145,6 +145,8 @@ class PretrainConfig(Config):
                 f"optim.batch_size ({self.optim.batch_size}) must be divisible by "
                 f"optim.grad_accum x cluster.num_workers ({per_step})"
             )
+        if self.gan.critic is not None and self.gan.critic.retrieval_neighbours:
+            raise ValueError("gan.critic.retrieval_neighbours: a critic retrieves nothing; set it to 0")
         return self
 
     @property

@@ -40,6 +40,7 @@ from biglearn.train.loop import (
     report_checkpoint,
     restored_state,
     resumable_batches,
+    retrieval_memory,
     worker_setup,
 )
 from biglearn.train.progress import Progress
@@ -47,22 +48,28 @@ from biglearn.train.progress import Progress
 PER_EXAMPLE = Schedule(granularity="example")
 
 
-def gan_specs(cfg: PretrainConfig, manifest: Manifest) -> tuple[ModelSpec, ModelSpec]:
-    """(generator, critic) specs for this dataset."""
+def gan_specs(cfg: PretrainConfig, manifest: Manifest, memory_rows: int = 0) -> tuple[ModelSpec, ModelSpec]:
+    """(generator, critic) specs for this dataset; the generator's memory holds `memory_rows`
+    examples. The critic never retrieves: for a generated example, the real one it replaces
+    would be found at distance 0 on the shared sources and give the fake away."""
     shape = dict(length=manifest.length, patch_dim=manifest.patch_dim, grid=manifest.grid)
-    generator = ModelSpec(model=cfg.model, noise_dim=cfg.gan.noise_dim, **shape)
-    critic = ModelSpec(model=cfg.gan.critic or cfg.model, critic=True, **shape)
+    generator = ModelSpec(model=cfg.model, noise_dim=cfg.gan.noise_dim, memory_rows=memory_rows, **shape)
+    critic_model = cfg.gan.critic or cfg.model.model_copy(update={"retrieval_neighbours": 0})
+    critic = ModelSpec(model=critic_model, critic=True, **shape)
     return generator, critic
 
 
 def gan_loop_per_worker(payload: dict) -> None:
     cfg, manifest, rank, device, on_gpu = worker_setup(payload)
     gan = cfg.gan
-    generator_spec, critic_spec = gan_specs(cfg, manifest)
+    memory = retrieval_memory(cfg, manifest)
+    generator_spec, critic_spec = gan_specs(cfg, manifest, 0 if memory is None else len(memory))
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     engines = {}
     for name, spec, lr in (("generator", generator_spec, None), ("critic", critic_spec, gan.critic_lr)):
         model = UniversalTransformer(spec)
+        if model.memory is not None:
+            model.memory.remember(memory)
         # Not the critic: R1 differentiates its input gradient again, and recomputing
         # checkpointed blocks inside that double backward fails (torch checks the recomputation).
         model.checkpoint_activations = cfg.train.activation_checkpointing and not spec.critic

@@ -41,9 +41,15 @@ class NonFiniteLossError(RuntimeError):
 
 def train_loop_per_worker(payload: dict) -> None:
     cfg, manifest, rank, device, on_gpu = worker_setup(payload)
-    spec = ModelSpec(model=cfg.model, length=manifest.length, vocab_size=manifest.vocab_size, grid=manifest.grid)
+    memory = retrieval_memory(cfg, manifest)
+    spec = ModelSpec(
+        model=cfg.model, length=manifest.length, vocab_size=manifest.vocab_size, grid=manifest.grid,
+        memory_rows=0 if memory is None else len(memory),
+    )
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = UniversalTransformer(spec)
+    if memory is not None:
+        model.memory.remember(memory)
     model.checkpoint_activations = cfg.train.activation_checkpointing
     engine = build_engine(model, cfg, on_gpu)
     state = restored_state(cfg, rank, lambda folder: engine.load_checkpoint(str(folder), tag=TAG))
@@ -93,6 +99,15 @@ def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.de
     if not on_gpu:
         torch.set_num_threads(cfg.torch_threads())
     return cfg, manifest, rank, device, on_gpu
+
+
+def retrieval_memory(cfg: PretrainConfig, manifest: Manifest) -> torch.Tensor | None:
+    """The whole training split ([N, L] tokens or [N, L, P] patches) when the model retrieves
+    neighbours from it (read by every rank, so that all hold the same memory), else None."""
+    if not cfg.model.retrieval_neighbours:
+        return None
+    examples = torch.from_numpy(read_split(cfg.data.path, manifest, cfg.data.train_split)["values"])
+    return examples.float() if manifest.patch_dim else examples.long()
 
 
 def restored_state(cfg: PretrainConfig, rank: int, load: Callable[[Path], None]) -> dict:

@@ -62,7 +62,23 @@ def prepare_data(cfg: PretrainConfig) -> Manifest:
             f"{uri}: the data is continuous, so this run trains a BigLearn-GAN, which draws every target in one "
             "pass: eval.guidance applies only to decoding token models; leave it at 0"
         )
+    check_retrieval(cfg, manifest, rows)
     return manifest
+
+
+MEMORY_MAX_VALUES = 2**24
+
+
+def check_retrieval(cfg: PretrainConfig, manifest: Manifest, rows: int) -> None:
+    """model.retrieval_neighbours keeps the training split in the model: one small enough to
+    search by brute force at every step."""
+    neighbours, uri = cfg.model.retrieval_neighbours, cfg.data.path
+    if neighbours and (rows <= neighbours or rows * manifest.length * (manifest.patch_dim or 1) > MEMORY_MAX_VALUES):
+        raise DatasetError(
+            f"{uri}: model.retrieval_neighbours ({neighbours}) keeps split {cfg.data.train_split!r} in the model, "
+            f"which needs more than {neighbours} rows and at most {MEMORY_MAX_VALUES:,} values; it has {rows} rows "
+            f"of {manifest.length} x {manifest.patch_dim or 1}: set model.retrieval_neighbours to 0 (or lower it)"
+        )
 
 
 def connect(cluster: ClusterConfig, env: dict[str, str] | None = None) -> None:

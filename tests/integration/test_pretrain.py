@@ -14,7 +14,7 @@ import torch
 from biglearn.data.digits import ensure_digits
 from biglearn.export import load_export
 from biglearn.train.loop import micro_batches
-from biglearn.data.manifest import read_manifest
+from biglearn.data.manifest import read_manifest, read_split
 from biglearn.train.run import PretrainError, pretrain, shard_dataset
 from tests.integration.conftest import tiny_config as tiny
 
@@ -31,7 +31,7 @@ def logged_steps(run_folder: str) -> list[int]:
 
 def test_sigkilled_worker_is_restarted_from_last_checkpoint(ray_cluster, digits, tmp_path):
     cfg = tiny(digits, tmp_path, "killed", "cluster.max_failures=1", "train.faults=[{kind: kill, step: 7, rank: 1}]",
-               "eval.guidance=1.0")
+               "eval.guidance=1.0", "model.retrieval_neighbours=3")
     outcome = pretrain(cfg)
 
     assert (tmp_path / "killed" / "faults" / "kill-rank1-step7").exists(), "the fault never fired"
@@ -42,6 +42,8 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint(ray_cluster, digits,
     export = Path(outcome.export)
     model, spec = load_export(export)
     assert spec.length == 64 and spec.vocab_size == 17 and spec.grid == (8, 8)
+    training_split = torch.from_numpy(read_split(digits, read_manifest(digits), "train")["values"])
+    assert spec.memory_rows == len(training_split) and torch.equal(model.memory.examples, training_split.long())
     assert json.loads((export / "manifest.json").read_text())["name"] == "digits"
     assert json.loads((export / "config.json").read_text())["run"]["name"] == "killed"
     panel = json.loads((export / "panel.json").read_text())["panel_nll"]
@@ -116,12 +118,17 @@ def test_bad_input_is_refused_before_training(overrides, expected, capsys):
     assert "Traceback" not in err
 
 
-def test_guidance_for_continuous_data_is_refused_before_training(tmp_path, capsys):
-    args = ["--set", f"data.path={tmp_path / 'patches'}", "--set", "data.embedded=digits-patches",
-            "--set", "eval.guidance=1", "--set", f"run.storage={tmp_path / 'runs'}"]
+@pytest.mark.parametrize(
+    "embedded, option, expected",
+    [("digits-patches", "eval.guidance=1", "eval.guidance applies only to decoding token models"),
+     ("digits", "model.retrieval_neighbours=2000", "it has 1437 rows of 64 x 1: set model.retrieval_neighbours to 0")],
+)
+def test_options_the_data_cannot_take_are_refused_before_training(tmp_path, capsys, embedded, option, expected):
+    args = ["--set", f"data.path={tmp_path / 'data'}", "--set", f"data.embedded={embedded}",
+            "--set", option, "--set", f"run.storage={tmp_path / 'runs'}"]
     assert pretrain_job.main(args) == 2
     err = capsys.readouterr().err
-    assert "eval.guidance applies only to decoding token models" in err and "Traceback" not in err
+    assert expected in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 

@@ -109,3 +109,12 @@ def test_schedule_override_reaches_the_family_spec():
     job = load_config(Job, None, ["schedule.families.span.weight=2", "schedule.families.span.target.a=3"])
     spec = job.schedule.families[Family.span]
     assert spec.weight == 2 and spec.target.a == 3 and spec.target.b == 1
+
+
+def test_a_critic_that_retrieves_is_refused():
+    from biglearn.train.config import PretrainConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, None, ["gan.critic={retrieval_neighbours: 3}"])
+    assert "a critic retrieves nothing" in str(info.value)
+    assert load_config(PretrainConfig, None, ["model.retrieval_neighbours=3"]).model.retrieval_neighbours == 3

@@ -20,11 +20,12 @@ def gen(seed: int) -> torch.Generator:
 
 
 def make(critic: bool = False, patch_dim: int = P, grid=GRID, length: int = L, std: float | None = 0.3,
-         summary_width: int = 0) -> UniversalTransformer:
+         summary_width: int = 0, retrieval: int = 0) -> UniversalTransformer:
+    """With `retrieval`, a memory of 20 random examples."""
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, summary_width=summary_width, retrieval_neighbours=retrieval)
     spec = ModelSpec(
-        model=ModelConfig(d_model=32, num_layers=2, num_heads=4, summary_width=summary_width), length=length,
-        patch_dim=patch_dim, grid=grid,
-        noise_dim=0 if critic else Z, critic=critic,
+        model=cfg, length=length, patch_dim=patch_dim, grid=grid, noise_dim=0 if critic else Z, critic=critic,
+        memory_rows=20 if retrieval else 0,
     )
     model = UniversalTransformer(spec)
     if std is not None:  # spread weights out, so that every input visibly matters
@@ -32,6 +33,8 @@ def make(critic: bool = False, patch_dim: int = P, grid=GRID, length: int = L, s
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+    if retrieval:
+        model.memory.remember(torch.rand(20, length, patch_dim, generator=gen(98)))
     return model
 
 
@@ -55,6 +58,28 @@ def test_generator_keeps_sources_and_absent_positions_exactly_and_samples_vary()
     assert (first - other)[roles == TARGET].abs().min() > 0  # every target moves with the noise
     with pytest.raises(ValueError, match="noise_BLZ"):
         model(values, roles)
+
+
+def test_retrieving_generator_sees_sources_only_and_never_finds_a_training_example_itself():
+    model = make(retrieval=3).eval()
+    values, roles = batch()
+    values[:3] = model.memory.examples[:3]  # three training examples
+    noise = draw_noise(values, Z, gen(1))
+    hidden = (roles != SOURCE)[..., None]
+    other = torch.where(hidden, torch.rand(values.shape, generator=gen(5)) * 9, values)
+    with torch.no_grad():
+        out = fill_targets(model, values, roles, noise)
+        target = (roles == TARGET)[..., None]
+        assert torch.allclose(fill_targets(model, other, roles, noise), torch.where(target, out, other), atol=1e-6)
+        assert model.memory.nearest(values, roles)[:3, 0].tolist() == [0, 1, 2]
+        model.train()
+        found = model.memory.nearest(values, roles)
+        assert all(b not in found[b].tolist() for b in range(3))
+        model.eval()
+        model.memory.examples.mul_(-1)  # what the memory holds reaches the targets
+        assert (fill_targets(model, values, roles, noise) - out)[roles == TARGET].abs().min() > 0
+    with pytest.raises(ValueError, match="a critic retrieves nothing"):
+        make(critic=True, retrieval=3)
 
 
 @pytest.mark.parametrize("summary_width", [0, 8])

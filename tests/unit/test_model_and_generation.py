@@ -17,14 +17,20 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_model(drop_absent: bool = True, std: float = 0.3, length: int = LEN, summary_width: int = 0) -> UniversalTransformer:
-    """A tiny model whose weights are redrawn with a larger spread, so that context matters."""
-    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, drop_absent=drop_absent, summary_width=summary_width)
-    model = UniversalTransformer(ModelSpec(model=cfg, length=length, vocab_size=V)).eval()
+def make_model(drop_absent: bool = True, std: float = 0.3, length: int = LEN, summary_width: int = 0,
+               retrieval: int = 0) -> UniversalTransformer:
+    """A tiny model whose weights are redrawn with a larger spread, so that context matters; with
+    `retrieval`, a memory of 30 random rows."""
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, drop_absent=drop_absent, summary_width=summary_width,
+                      retrieval_neighbours=retrieval)
+    rows = 30 if retrieval else 0
+    model = UniversalTransformer(ModelSpec(model=cfg, length=length, vocab_size=V, memory_rows=rows)).eval()
     g = gen(1234)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
+    if retrieval:
+        model.memory.remember(torch.randint(0, V, (rows, length), generator=g))
     return model
 
 
@@ -37,9 +43,9 @@ def random_task(batch: int = 6, seed: int = 0):
     return values, roles
 
 
-@pytest.mark.parametrize("drop_absent, summary_width", [(True, 0), (False, 0), (True, 16)])
-def test_model_never_sees_values_at_targets_or_absent_positions(drop_absent, summary_width):
-    model = make_model(drop_absent, summary_width=summary_width)
+@pytest.mark.parametrize("drop_absent, summary_width, retrieval", [(True, 0, 0), (False, 0, 0), (True, 16, 0), (True, 0, 3)])
+def test_model_never_sees_values_at_targets_or_absent_positions(drop_absent, summary_width, retrieval):
+    model = make_model(drop_absent, summary_width=summary_width, retrieval=retrieval)
     values, roles = random_task()
     hidden = roles != SOURCE
     # anything at all, even out of the vocabulary, may sit at hidden positions
@@ -54,6 +60,34 @@ def test_model_never_sees_values_at_targets_or_absent_positions(drop_absent, sum
         changed[:, 1] = (changed[:, 1] + 1) % V
         moved = (model(changed, roles) - base).abs()[roles == TARGET]
     assert moved.max() > 1e-3
+
+
+def test_retrieval_finds_the_nearest_rows_on_sources_and_never_a_training_example_itself():
+    model = make_model(retrieval=4)
+    memory = model.memory.examples
+    values = memory[:5].clone()  # training examples, as the loss sees them
+    roles = torch.full_like(values, TARGET, dtype=torch.int8)
+    roles[:, : LEN // 2] = SOURCE
+    roles[:, -2:] = ABSENT
+    roles[4] = TARGET  # no source: nothing to retrieve by
+    source = roles == SOURCE
+    with torch.no_grad():
+        found = model.memory.nearest(values, roles)  # eval mode: as for a held-out example
+        distance = ((values[:, None, :] - memory[None]).square() * source[:, None, :]).sum(-1)
+        assert torch.equal(distance.gather(1, found), distance.sort(1).values[:, :4])
+        assert found[:4, 0].tolist() == [0, 1, 2, 3]  # in the memory, an example is its own nearest
+        served = model(values, roles)
+        model.train()
+        found_in_training = model.memory.nearest(values, roles)
+        trained = model(values, roles)
+    assert all(b not in found_in_training[b].tolist() for b in range(5))
+    assert not torch.allclose(served[:4], trained[:4])
+    # an example with no source gets no retrieval at all, whatever the memory holds
+    model.eval()
+    with torch.no_grad():
+        before = model(values[4:], roles[4:])
+        model.memory.examples.random_(0, V, generator=gen(7))
+        assert torch.equal(model(values[4:], roles[4:]), before)
 
 
 def _short_model(model: UniversalTransformer, kept: torch.Tensor) -> UniversalTransformer:

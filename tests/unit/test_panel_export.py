@@ -16,9 +16,12 @@ from biglearn.roles import ABSENT, SOURCE, TARGET
 V, LEN = 5, 16
 
 
-def make_model(grid=None, std: float | None = 0.3) -> UniversalTransformer:
-    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4)
-    model = UniversalTransformer(ModelSpec(model=cfg, length=LEN, vocab_size=V, grid=grid))
+def make_model(grid=None, std: float | None = 0.3, retrieval: int = 0) -> UniversalTransformer:
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, retrieval_neighbours=retrieval)
+    rows = 20 if retrieval else 0
+    model = UniversalTransformer(ModelSpec(model=cfg, length=LEN, vocab_size=V, grid=grid, memory_rows=rows))
+    if retrieval:
+        model.memory.remember(torch.randint(0, V, (rows, LEN), generator=torch.Generator().manual_seed(5)))
     if std is not None:
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -74,8 +77,9 @@ def test_panel_tasks_are_the_documented_ones():
                 assert not (roles == roles[:1]).all(), name  # a different task per example
 
 
-def test_export_round_trip(tmp_path):
-    model = make_model(grid=(4, 4)).eval()
+@pytest.mark.parametrize("retrieval", [0, 3])
+def test_export_round_trip(tmp_path, retrieval):
+    model = make_model(grid=(4, 4), retrieval=retrieval).eval()
     spec = model.spec
     folder = write_export(tmp_path / "export", model.state_dict(), spec, {"name": "toy"}, {"train": {"steps": 3}})
     assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "model.json", "manifest.json", "config.json"}
@@ -89,6 +93,9 @@ def test_export_round_trip(tmp_path):
     roles[:, 0] = TARGET
     with torch.no_grad():
         assert torch.equal(loaded(values, roles), model(values, roles))
+    if retrieval:  # the memory travels with the weights, as the tokens it was
+        assert loaded.memory.examples.dtype == torch.long
+        assert torch.equal(loaded.memory.examples, model.memory.examples)
 
 
 @pytest.fixture
