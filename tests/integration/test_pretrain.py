@@ -148,19 +148,24 @@ def test_corrupted_shard_is_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_other_zero_stages_train_and_export_full_weights(ray_cluster, digits, tmp_path, stage):
-    """ZeRO-1 shards optimizer state; ZeRO-3 also shards the weights, which the export must gather."""
-    cfg = tiny(digits, tmp_path, f"zero{stage}", f"cluster.zero_stage={stage}", "train.steps=4")
+    """ZeRO-1 shards optimizer state; ZeRO-3 also shards the weights, which the export must gather
+    (the retrieval memory, a buffer, included)."""
+    cfg = tiny(digits, tmp_path, f"zero{stage}", f"cluster.zero_stage={stage}", "train.steps=4",
+               "model.retrieval_neighbours=2")
     outcome = pretrain(cfg)
     assert outcome.summary["train"]["final_step"] == 4
     model, _ = load_export(outcome.export)  # strict: a partitioned (empty) tensor would not load
     untrained = type(model)(model.spec)
     assert not torch.equal(model.head.weight, untrained.head.weight)
+    training_split = read_split(digits, read_manifest(digits), "train")["values"]
+    assert torch.equal(model.memory.examples, torch.from_numpy(training_split).long())
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 + NCCL path)")
 def test_gpu_bf16_nccl_zero3(ray_cluster, digits, tmp_path):
-    cfg = tiny(digits, tmp_path, "gpu", "cluster.use_gpu=true", "cluster.num_workers=1", "cluster.zero_stage=3")
+    cfg = tiny(digits, tmp_path, "gpu", "cluster.use_gpu=true", "cluster.num_workers=1", "cluster.zero_stage=3",
+               "model.retrieval_neighbours=3")
     outcome = pretrain(cfg)
     assert outcome.summary["train"]["final_step"] == 12
     assert all(0 < v < 10 for v in outcome.summary["panel_nll"].values())
