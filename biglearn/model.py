@@ -279,7 +279,7 @@ class NeighbourMemory(nn.Module):
     ordinal tokens such as pixel intensities; on the digits this beat counting mismatches by
     0.09 nats). Each position gets an embedding of what the neighbours hold there, nearest first
     (one-hot tokens or patches). Examples with no source get nothing: every example is as near
-    as any other. In training mode, memory examples equal to the whole example are skipped, so
+    as any other. In training mode the memory example equal to the whole example is skipped, so
     a training example never retrieves itself (its targets): the loss sees what held-out
     examples, which are not in the memory, will get.
     """
@@ -309,10 +309,15 @@ class NeighbourMemory(nn.Module):
         with torch.autocast(values.device.type, enabled=False):
             x_BF = torch.where(source_BF, whole_BF.float(), 0.0)
             distance_BN = x_BF.square().sum(1, keepdim=True) - 2 * x_BF @ memory_NF.T + source_BF.float() @ memory_NF.square().T
-        if self.training:
-            itself_BN = (whole_BF.to(memory_NF.dtype)[:, None, :] == memory_NF[None]).all(-1)
-            distance_BN = distance_BN.masked_fill(itself_BN, float("inf"))
-        return distance_BN.topk(self.neighbours, dim=1, largest=False, sorted=True).indices
+        if not self.training:
+            return distance_BN.topk(self.neighbours, dim=1, largest=False, sorted=True).indices
+        # A training example is in the memory at distance 0, so among its nearest neighbours + 1
+        # if anywhere: keep the first `neighbours` of those that are not the example itself.
+        index_BC = distance_BN.topk(self.neighbours + 1, dim=1, largest=False, sorted=True).indices
+        itself_BC = (self.examples.reshape(N, -1)[index_BC] == whole_BF.to(self.examples.dtype)[:, None, :]).all(-1)
+        drop_BC = itself_BC & (itself_BC.cumsum(1) == 1)
+        drop_BC[:, -1] |= ~itself_BC.any(1)
+        return index_BC[~drop_BC].view(B, self.neighbours)
 
     def forward(self, values: torch.Tensor, roles_BL: torch.Tensor) -> torch.Tensor:
         """features_BLD"""

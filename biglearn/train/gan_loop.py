@@ -48,7 +48,7 @@ from biglearn.train.progress import Progress
 PER_EXAMPLE = Schedule(granularity="example")
 
 
-def gan_specs(cfg: PretrainConfig, manifest: Manifest, memory_rows: int = 0) -> tuple[ModelSpec, ModelSpec]:
+def gan_specs(cfg: PretrainConfig, manifest: Manifest, memory_rows: int) -> tuple[ModelSpec, ModelSpec]:
     """(generator, critic) specs for this dataset; the generator's memory holds `memory_rows`
     examples. The critic never retrieves: for a generated example, the real one it replaces
     would be found at distance 0 on the shared sources and give the fake away."""

@@ -17,7 +17,9 @@ from biglearn.data.prepare import write_source
 from biglearn.data.sources import digits_source
 from biglearn.export import load_export
 from biglearn.model import UniversalTransformer
-from biglearn.train.run import pretrain
+from biglearn.data.manifest import read_manifest
+from biglearn.train.loop import micro_batches, retrieval_memory
+from biglearn.train.run import pretrain, shard_dataset
 from tests.integration.conftest import tiny_config
 
 pytestmark = pytest.mark.ray
@@ -33,7 +35,20 @@ def digit_patches(tmp_path_factory) -> str:
 
 def tiny_gan(data: str, storage: Path, name: str, *extra: str):
     return tiny_config(data, storage, name, "data.embedded=null", "gan.noise_dim=4", "gan.transform_probability=0.3",
-                       "cluster.num_workers=1", "train.steps=8", *extra)
+                       "cluster.num_workers=1", "train.steps=8", "model.retrieval_neighbours=3", *extra)
+
+
+def test_rows_reach_the_worker_bit_for_bit_as_the_retrieval_memory_holds_them(ray_cluster, digit_patches):
+    """A generator skips memory rows equal to its training example (else it would retrieve its own
+    targets): that needs the rows Ray Data delivers to equal the memory's exactly."""
+    manifest = read_manifest(digit_patches)
+    cfg = tiny_gan(digit_patches, Path("unused"), "memory")
+    memory = retrieval_memory(cfg, manifest)
+    dataset = shard_dataset(digit_patches, manifest, "train", cfg.data.block_bytes)
+    rows = torch.cat(list(micro_batches(dataset, 64, 512, None, None, torch.device("cpu"))))
+    assert len(rows) == len(memory) // 64 * 64 and memory.dtype == rows.dtype == torch.float32
+    flat_memory = memory.flatten(1)
+    assert all(bool((flat_memory == row.flatten()).all(1).any()) for row in rows)
 
 
 def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_cluster, digit_patches, tmp_path):
@@ -60,6 +75,7 @@ def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_
 
     generator, spec = load_export(killed.export)
     assert spec.noise_dim == 4 and spec.patch_dim == 4 and spec.grid == (4, 4) and not spec.critic
+    assert spec.memory_rows == 1437 and generator.memory.examples.abs().sum() > 0
     checkpoint = Path(killed.run_folder) / "step-00000008"
     assert (checkpoint / "generator" / "ds").is_dir() and (checkpoint / "critic" / "ds").is_dir()
     panel = json.loads((Path(killed.export) / "panel.json").read_text())
