@@ -35,7 +35,12 @@ def write_export(
 ) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in state_dict.items()}
+    # Weights as float32 whatever precision trained them; integer buffers (a retrieval memory's
+    # tokens) as they are.
+    tensors = {
+        name: t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in state_dict.items()
+    }
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
