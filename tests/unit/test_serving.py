@@ -37,12 +37,15 @@ CFG = ServingConfig(limits={"max_num_samples": 8, "max_steps": 8}, decoding={"st
 
 @pytest.fixture(scope="module")
 def export_folder(tmp_path_factory):
-    spec = ModelSpec(model=ModelConfig(d_model=32, num_layers=2, num_heads=4), length=L, vocab_size=V, grid=(H, W))
+    """A token model that retrieves (as the digits recipes do) from a memory of 12 random rows."""
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, retrieval_neighbours=3)
+    spec = ModelSpec(model=cfg, length=L, vocab_size=V, grid=(H, W), memory_rows=12)
     model = UniversalTransformer(spec)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a larger spread than the init, so that the context matters
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.memory.remember(torch.randint(0, V, (12, L), generator=g))
     folder = tmp_path_factory.mktemp("export")
     manifest = {"name": "toy", "kind": "discrete", "length": L, "vocab_size": V, "geometry": {"height": H, "width": W}}
     write_export(folder, model.state_dict(), spec, manifest, {"run": {"name": "toy"}, "seed": 1})
@@ -83,7 +86,7 @@ def test_card_describes_the_export(served, tmp_path):
 
 
 def test_export_with_broken_weights_is_flagged(served, tmp_path):
-    state = {k: torch.full_like(v, float("nan")) for k, v in served.model.state_dict().items()}
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in served.model.state_dict().items()}
     write_export(tmp_path, state, served.spec, {"name": "toy", "kind": "discrete"}, {})
     assert "not finite" in ExportedModel(tmp_path).problem
 
