@@ -6,7 +6,8 @@ Prints, for the same model and batch size:
   1. samples/s of a bare PyTorch loop vs. the Ray Train + DeepSpeed loop (one worker, the real
      `pretrain` path, throughput read from its progress records);
   2. the share of a step spent sampling roles and packing (dropping absent positions);
-  3. the speed-up from dropping absent positions on marginal tasks.
+  3. the speed-up from dropping absent positions on marginal tasks;
+  4. with model.retrieval_neighbours > 0, the bare loop's speed without the retrieval path (its cost).
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ from biglearn.train.engine import autocast, cpu_bf16
 
 
 def bare_loop(cfg: PretrainConfig, values: torch.Tensor, grid, steps: int, schedule: Schedule | None = None,
-              drop_absent: bool | None = None) -> float:
-    """samples/s of a plain PyTorch loop: the same model, roles and loss, no Ray, no DeepSpeed."""
-    model_cfg = cfg.model if drop_absent is None else cfg.model.model_copy(update={"drop_absent": drop_absent})
+              **model_changes) -> float:
+    """samples/s of a plain PyTorch loop: the same model, roles and loss, no Ray, no DeepSpeed.
+    A retrieving model remembers `values` (the training split), as the real loop's does."""
+    model_cfg = cfg.model.model_copy(update=model_changes)
     schedule = schedule or cfg.schedule
     torch.manual_seed(0)
-    model = UniversalTransformer(ModelSpec(model=model_cfg, length=values.shape[1], vocab_size=17, grid=grid))
+    memory_rows = len(values) if model_cfg.retrieval_neighbours else 0
+    model = UniversalTransformer(ModelSpec(model=model_cfg, length=values.shape[1], vocab_size=17, grid=grid,
+                                           memory_rows=memory_rows))
+    if memory_rows:
+        model.memory.remember(values)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     generator = torch.Generator().manual_seed(0)
     batch = cfg.optim.batch_size
@@ -128,6 +134,7 @@ def main() -> None:
         bare_after = bare_loop(cfg, values, grid, args.steps)
         bare = (bare_before + bare_after) / 2
         share = overhead_share(cfg, values, grid, bare)
+        without_retrieval = bare_loop(cfg, values, grid, args.steps, retrieval_neighbours=0) if cfg.model.retrieval_neighbours else None
 
         drop_speedup = {}
         for granularity in ("example", "batch"):
@@ -142,6 +149,9 @@ def main() -> None:
     print(f"bare PyTorch loop           {bare:8.1f} samples/s  (runs: {bare_before:.1f}, {bare_after:.1f})")
     print(f"Ray Train + DeepSpeed (1 w) {ray_ds:8.1f} samples/s  ratio {ray_ds / bare:.2f}x  (target >= 0.85x)")
     print(f"roles + packing             {100 * share:8.2f} % of a step  (target <= 5%)")
+    if without_retrieval:
+        print(f"retrieval ({cfg.model.retrieval_neighbours} neighbours of {len(values)}): {bare_after:.1f} vs "
+              f"{without_retrieval:.1f} samples/s without, {bare_after / without_retrieval:.2f}x")
     for granularity, (dropped, kept) in drop_speedup.items():
         print(
             f"marginal tasks per {granularity:<7} drop absent {dropped:.1f} vs keep {kept:.1f} samples/s: "
