@@ -1,6 +1,6 @@
 """Training-step throughput, measured side by side in one run (run by hand, not in CI).
 
-    python benchmarks/train_step.py [--steps 40] [--batch 128]
+    python benchmarks/train_step.py [--steps 40] [--threads N] [--config jobs/configs/digits-quick.yaml]
 
 Prints, for the same model and batch size:
   1. samples/s of a bare PyTorch loop vs. the Ray Train + DeepSpeed loop (one worker, the real
