@@ -1,10 +1,11 @@
 """Training-step throughput, measured side by side in one run (run by hand, not in CI).
 
-    python benchmarks/train_step.py [--steps 40] [--threads N] [--config jobs/configs/digits-quick.yaml]
+    python benchmarks/train_step.py [--steps 100] [--threads N] [--config jobs/configs/digits-quick.yaml]
 
 Prints, for the same model and batch size:
   1. samples/s of a bare PyTorch loop vs. the Ray Train + DeepSpeed loop (one worker, the real
-     `pretrain` path, throughput read from its progress records);
+     `pretrain` path, throughput read from its progress records), and between them the same
+     DeepSpeed engine in this process without Ray (where the gap goes);
   2. the share of a step spent sampling roles and packing (dropping absent positions);
   3. the speed-up from dropping absent positions on marginal tasks;
   4. with model.retrieval_neighbours > 0, the bare loop's speed without the retrieval path (its cost).
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -28,12 +31,13 @@ from biglearn.model import ModelSpec, UniversalTransformer, _pack_index
 from biglearn.objectives import big_learning_loss
 from biglearn.roles import Schedule, sample_roles
 from biglearn.train.config import PretrainConfig
-from biglearn.train.engine import autocast, cpu_bf16
+from biglearn.train.engine import autocast, build_engine, cpu_bf16
 
 
 def bare_loop(cfg: PretrainConfig, values: torch.Tensor, grid, steps: int, schedule: Schedule | None = None,
-              **model_changes) -> float:
-    """samples/s of a plain PyTorch loop: the same model, roles and loss, no Ray, no DeepSpeed.
+              deepspeed: bool = False, **model_changes) -> float:
+    """samples/s of a plain PyTorch loop: the same model, roles and loss, no Ray, no DeepSpeed
+    (with `deepspeed`, the pretraining loop's DeepSpeed engine in this process, still no Ray).
     A retrieving model remembers `values` (the training split), as the real loop's does."""
     model_cfg = cfg.model.model_copy(update=model_changes)
     schedule = schedule or cfg.schedule
@@ -43,7 +47,10 @@ def bare_loop(cfg: PretrainConfig, values: torch.Tensor, grid, steps: int, sched
                                            memory_rows=memory_rows))
     if memory_rows:
         model.memory.remember(values)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    if deepspeed:
+        engine = _single_rank_engine(model, cfg)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     generator = torch.Generator().manual_seed(0)
     batch = cfg.optim.batch_size
     start = None
@@ -54,13 +61,30 @@ def bare_loop(cfg: PretrainConfig, values: torch.Tensor, grid, steps: int, sched
         x = values[rows]
         roles, family = sample_roles(schedule, batch, x.shape[1], generator, grid)
         with autocast(torch.device("cpu"), cfg.train.precision):  # the same precision as the Ray loop
-            logits = model(x, roles)
+            logits = (engine if deepspeed else model)(x, roles)
         loss, _ = big_learning_loss(logits, x, roles, family, cfg.optim.weighting)
+        if deepspeed:
+            engine.backward(loss)
+            engine.step()
+            continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
     return steps * batch / (time.perf_counter() - start)
+
+
+def _single_rank_engine(model: torch.nn.Module, cfg: PretrainConfig):
+    """The pretraining loop's DeepSpeed engine on a one-rank gloo group, as a lone Ray Train worker
+    has. The launcher's variables are set only while it starts: a Ray started later by this
+    process would hand them to its workers."""
+    import torch.distributed as dist
+
+    launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531"}
+    with mock.patch.dict(os.environ, launcher):
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        return build_engine(model, cfg, on_gpu=False)
 
 
 def overhead_share(cfg: PretrainConfig, values: torch.Tensor, grid, samples_per_s: float, repeats: int = 50) -> float:
@@ -117,7 +141,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="jobs/configs/digits-quick.yaml")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -130,8 +154,9 @@ def main() -> None:
         grid = manifest.grid
 
         bare_before = bare_loop(cfg, values, grid, args.steps)
+        in_process = bare_loop(cfg, values, grid, args.steps, deepspeed=True)
         ray_ds = ray_deepspeed_loop(cfg, data, args.steps * 2, args.threads)
-        bare_after = bare_loop(cfg, values, grid, args.steps)
+        bare_after = bare_loop(cfg, values, grid, args.steps)  # Ray is still up, idle
         bare = (bare_before + bare_after) / 2
         share = overhead_share(cfg, values, grid, bare)
         without_retrieval = bare_loop(cfg, values, grid, args.steps, retrieval_neighbours=0) if cfg.model.retrieval_neighbours else None
@@ -146,7 +171,8 @@ def main() -> None:
     precision = "bf16 autocast" if cpu_bf16(cfg.train.precision) else "fp32"
     print(f"model {cfg.model.d_model}d x {cfg.model.num_layers} layers, batch {cfg.optim.batch_size}, "
           f"{args.threads} threads, {precision}")
-    print(f"bare PyTorch loop           {bare:8.1f} samples/s  (runs: {bare_before:.1f}, {bare_after:.1f})")
+    print(f"bare PyTorch loop           {bare:8.1f} samples/s  (runs: {bare_before:.1f}, {bare_after:.1f} with an idle Ray up)")
+    print(f"DeepSpeed, no Ray           {in_process:8.1f} samples/s  ratio {in_process / bare_before:.2f}x of the first bare run")
     print(f"Ray Train + DeepSpeed (1 w) {ray_ds:8.1f} samples/s  ratio {ray_ds / bare:.2f}x  (target >= 0.85x)")
     print(f"roles + packing             {100 * share:8.2f} % of a step  (target <= 5%)")
     if without_retrieval:

@@ -27,7 +27,9 @@ def autocast(device: torch.device, precision: str):
 def deepspeed_config(cfg: PretrainConfig, on_gpu: bool, lr: float | None = None) -> dict:
     """`lr` overrides optim.lr (the GAN's critic); everything else comes from the config."""
     optim = cfg.optim
-    zero: dict = {"stage": cfg.cluster.zero_stage}
+    # Contiguous gradients spare GPU allocators fragmentation; on CPU they are one more copy of
+    # every gradient per step (2-3% of a digits step, benchmarks/README.md).
+    zero: dict = {"stage": cfg.cluster.zero_stage, "contiguous_gradients": on_gpu}
     if cfg.cluster.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
