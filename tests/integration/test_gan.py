@@ -52,18 +52,21 @@ def test_rows_reach_the_worker_bit_for_bit_as_the_retrieval_memory_holds_them(ra
 
 
 def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_cluster, digit_patches, tmp_path):
-    straight = pretrain(tiny_gan(digit_patches, tmp_path, "straight"))
-    killed = pretrain(tiny_gan(digit_patches, tmp_path, "killed", "cluster.max_failures=1",
-                               "train.faults=[{kind: kill, step: 6, rank: 0}]"))
+    # 1,437 rows in batches of 256: an epoch is 5 steps, so the restart from step 6 resumes in the
+    # second epoch (its data order comes from the epoch's own shuffle seed).
+    epochs = ["optim.batch_size=256", "train.checkpoint_every=3"]
+    straight = pretrain(tiny_gan(digit_patches, tmp_path, "straight", *epochs))
+    killed = pretrain(tiny_gan(digit_patches, tmp_path, "killed", *epochs, "cluster.max_failures=1",
+                               "train.faults=[{kind: kill, step: 7, rank: 0}]"))
 
-    assert (tmp_path / "killed" / "faults" / "kill-rank0-step6").exists(), "the fault never fired"
+    assert (tmp_path / "killed" / "faults" / "kill-rank0-step7").exists(), "the fault never fired"
     assert straight.summary["train"] == {"final_step": 8, "resumes": []}
-    assert killed.summary["train"] == {"final_step": 8, "resumes": [4]}
+    assert killed.summary["train"] == {"final_step": 8, "resumes": [6]}
     history = [json.loads(line) for line in (Path(killed.run_folder) / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in history] == list(range(1, 9))
     assert all({"loss", "critic", "r1", "families"} <= set(record) for record in history)
 
-    # Steps 5-8 after the restart must see the same critic, optimizer moments, LR schedule,
+    # Steps 7-8 after the restart must see the same critic, optimizer moments, LR schedule,
     # tasks, noise and data as without it: any of them missing would move the generator.
     resumed, uninterrupted = (load_file(Path(run.export) / "model.safetensors") for run in (killed, straight))
     for name, weights in uninterrupted.items():
