@@ -170,20 +170,22 @@ def read_ahead(items: Iterator, ahead: int):
     exit the thread stops at its next hand-over."""
     handed, stop, done = queue.Queue(maxsize=ahead), threading.Event(), object()
 
+    def hand_over(entry: tuple) -> bool:
+        """False once the consumer has left (the entry is dropped)."""
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                handed.put(entry, timeout=0.1)
+                return True
+        return False
+
     def draw() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        handed.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over((item, None)):
                     return
-            handed.put((done, None))
+            hand_over((done, None))
         except BaseException as error:  # handed to the consumer, which re-raises it
-            handed.put((done, error))
+            hand_over((done, error))
 
     def drawn() -> Iterator:
         while True:
