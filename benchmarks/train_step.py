@@ -1,11 +1,12 @@
 """Training-step throughput, measured side by side in one run (run by hand, not in CI).
 
-    python benchmarks/train_step.py [--steps 100] [--threads N] [--config jobs/configs/digits-quick.yaml]
+    python benchmarks/train_step.py [--steps 100] [--threads N] [--pairs 2] [--config jobs/configs/digits-quick.yaml]
 
 Prints, for the same model and batch size:
   1. samples/s of a bare PyTorch loop vs. the Ray Train + DeepSpeed loop (one worker, the real
-     `pretrain` path, throughput read from its progress records), and between them the same
-     DeepSpeed engine in this process without Ray (where the gap goes);
+     `pretrain` path, throughput read from its progress records), in `--pairs` alternating pairs,
+     and where the gap goes: the bare loop beside an idle local Ray, and the pretraining loop's
+     DeepSpeed engine in this process without Ray;
   2. the share of a step spent sampling roles and packing (dropping absent positions);
   3. the speed-up from dropping absent positions on marginal tasks;
   4. with model.retrieval_neighbours > 0, the bare loop's speed without the retrieval path (its cost).
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import ray
 import torch
 
 from biglearn.config import load_config
@@ -100,7 +102,8 @@ def overhead_share(cfg: PretrainConfig, values: torch.Tensor, grid, samples_per_
 
 
 def ray_deepspeed_loop(cfg: PretrainConfig, data: str, steps: int, threads: int) -> float:
-    """samples/s of the real pretraining path with one worker (progress windows after the first)."""
+    """samples/s of the real pretraining path with one worker (progress windows after the first),
+    on a local Ray started for it and shut down after."""
     from biglearn.train.run import pretrain
 
     with tempfile.TemporaryDirectory() as storage:
@@ -123,7 +126,10 @@ def ray_deepspeed_loop(cfg: PretrainConfig, data: str, steps: int, threads: int)
             ]
             + [f"{k}={json.dumps(v)}" for k, v in _flatten({"model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(mode="json")}).items()],
         )
-        outcome = pretrain(run)
+        try:
+            outcome = pretrain(run)
+        finally:
+            ray.shutdown()  # the next bare run gets the machine to itself
         records = [json.loads(line) for line in (Path(outcome.run_folder) / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["samples_per_s"] for r in records[1:])
 
@@ -143,6 +149,7 @@ def main() -> None:
     parser.add_argument("--config", default="jobs/configs/digits-quick.yaml")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--pairs", type=int, default=2, help="bare / Ray+DeepSpeed pairs, run alternately")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(PretrainConfig, args.config)
@@ -153,13 +160,25 @@ def main() -> None:
         values = torch.from_numpy(read_split(data, manifest, "train")["values"]).long()
         grid = manifest.grid
 
-        bare_before = bare_loop(cfg, values, grid, args.steps)
+        # Pairs run alternately, each Ray started afresh and shut down before the next bare run:
+        # on a shared 2-core machine the speed drifts by 10-15% within minutes, so each ratio
+        # compares neighbours in time and the headline is their median.
+        pairs = []
+        for _ in range(args.pairs):
+            bare_run = bare_loop(cfg, values, grid, args.steps)
+            pairs.append((bare_run, ray_deepspeed_loop(cfg, data, args.steps * 2, args.threads)))
+        ray.init()  # the same local Ray as pretrain starts, idle: what its daemons take from a bare loop
+        try:
+            bare_ray_idle = bare_loop(cfg, values, grid, args.steps)
+        finally:
+            ray.shutdown()
+        bare = statistics.median(bare_run for bare_run, _ in pairs)
         in_process = bare_loop(cfg, values, grid, args.steps, deepspeed=True)
-        ray_ds = ray_deepspeed_loop(cfg, data, args.steps * 2, args.threads)
-        bare_after = bare_loop(cfg, values, grid, args.steps)  # Ray is still up, idle
-        bare = (bare_before + bare_after) / 2
         share = overhead_share(cfg, values, grid, bare)
-        without_retrieval = bare_loop(cfg, values, grid, args.steps, retrieval_neighbours=0) if cfg.model.retrieval_neighbours else None
+        without_retrieval = None
+        if cfg.model.retrieval_neighbours:
+            with_retrieval = bare_loop(cfg, values, grid, args.steps)
+            without_retrieval = bare_loop(cfg, values, grid, args.steps, retrieval_neighbours=0)
 
         drop_speedup = {}
         for granularity in ("example", "batch"):
@@ -169,15 +188,21 @@ def main() -> None:
             drop_speedup[granularity] = (dropped, kept)
 
     precision = "bf16 autocast" if cpu_bf16(cfg.train.precision) else "fp32"
+    ratios = [ray_ds / bare_run for bare_run, ray_ds in pairs]
     print(f"model {cfg.model.d_model}d x {cfg.model.num_layers} layers, batch {cfg.optim.batch_size}, "
           f"{args.threads} threads, {precision}")
-    print(f"bare PyTorch loop           {bare:8.1f} samples/s  (runs: {bare_before:.1f}, {bare_after:.1f} with an idle Ray up)")
-    print(f"DeepSpeed, no Ray           {in_process:8.1f} samples/s  ratio {in_process / bare_before:.2f}x of the first bare run")
-    print(f"Ray Train + DeepSpeed (1 w) {ray_ds:8.1f} samples/s  ratio {ray_ds / bare:.2f}x  (target >= 0.85x)")
-    print(f"roles + packing             {100 * share:8.2f} % of a step  (target <= 5%)")
+    for index, ((bare_run, ray_ds), ratio) in enumerate(zip(pairs, ratios), 1):
+        print(f"pair {index}: bare PyTorch loop {bare_run:8.1f}, Ray Train + DeepSpeed (1 worker) {ray_ds:8.1f} "
+              f"samples/s: {ratio:.2f}x")
+    print(f"Ray Train + DeepSpeed / bare, median of {len(ratios)} pairs: {statistics.median(ratios):.2f}x  "
+          f"(target >= 0.85x)")
+    print(f"bare loop with an idle local Ray up {bare_ray_idle:8.1f} samples/s: {bare_ray_idle / bare:.2f}x of the "
+          "median bare run")
+    print(f"DeepSpeed engine, no Ray           {in_process:8.1f} samples/s: {in_process / bare:.2f}x of the median bare run")
+    print(f"roles + packing                    {100 * share:8.2f} % of a step  (target <= 5%)")
     if without_retrieval:
-        print(f"retrieval ({cfg.model.retrieval_neighbours} neighbours of {len(values)}): {bare_after:.1f} vs "
-              f"{without_retrieval:.1f} samples/s without, {bare_after / without_retrieval:.2f}x")
+        print(f"retrieval ({cfg.model.retrieval_neighbours} neighbours of {len(values)}): {with_retrieval:.1f} vs "
+              f"{without_retrieval:.1f} samples/s without, {with_retrieval / without_retrieval:.2f}x")
     for granularity, (dropped, kept) in drop_speedup.items():
         print(
             f"marginal tasks per {granularity:<7} drop absent {dropped:.1f} vs keep {kept:.1f} samples/s: "
