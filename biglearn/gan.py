@@ -26,6 +26,7 @@ Legend: B = batch, L = positions, P = patch dimension, Z = noise dimension, n = 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
@@ -186,6 +187,20 @@ def r1_penalty(critic: nn.Module, real_BLP: torch.Tensor, roles_BL: torch.Tensor
 def generator_loss(critic: nn.Module, fake_BLP: torch.Tensor, roles_BL: torch.Tensor, transformed_B: torch.Tensor | None) -> torch.Tensor:
     """loss_B: the non-saturating generator loss softplus(-D(fake)) per example."""
     return F.softplus(-critic(fake_BLP, roles_BL, transformed_B=transformed_B).float())
+
+
+CHANCE_LOSS = 2 * math.log(2)
+"""The critic's adversarial loss when it scores every example 0: it cannot tell real from fake."""
+
+
+def critic_at_chance(adversarial: float) -> bool:
+    """Whether a logging window's critic scored real and generated examples alike: its mean
+    adversarial loss within 0.002 of log 4, i.e. scores of about +-0.09 where a working critic's
+    differ by units. The generator learns next to nothing from such a critic. A generator that
+    matched the data exactly would also leave its critic there, but a stalled critic is the
+    usual cause: on the 25-GMM, critics sat there for hundreds of steps (benchmarks/README.md,
+    "A critic at chance")."""
+    return abs(adversarial - CHANCE_LOSS) < 2e-3
 
 
 @contextlib.contextmanager

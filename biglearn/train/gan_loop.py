@@ -23,7 +23,7 @@ import torch
 
 from biglearn.data.manifest import Manifest
 from biglearn.export import write_export
-from biglearn.gan import critic_loss, draw_noise, fill_targets, frozen, generator_loss, pose_tasks, view
+from biglearn.gan import critic_at_chance, critic_loss, draw_noise, fill_targets, frozen, generator_loss, pose_tasks, view
 from biglearn.model import ModelSpec, UniversalTransformer
 from biglearn.objectives import family_stats
 from biglearn.roles import FAMILIES, Schedule, sample_roles, task_seed
@@ -43,7 +43,7 @@ from biglearn.train.loop import (
     retrieval_memory,
     worker_setup,
 )
-from biglearn.train.progress import Progress
+from biglearn.train.progress import Progress, log
 
 PER_EXAMPLE = Schedule(granularity="example")
 
@@ -129,7 +129,16 @@ def gan_loop_per_worker(payload: dict) -> None:
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             adversarial, r1, count = _all_sum(critic_3).tolist()
             extra = {"critic": adversarial / count, "r1": r1 / count}
-            state["history"].append(progress.log(step, _all_sum(window_F2), g_engine.get_lr()[0], extra))
+            record = progress.log(step, _all_sum(window_F2), g_engine.get_lr()[0], extra)
+            record["critic_at_chance"] = critic_at_chance(extra["critic"])
+            was_at_chance = bool(state["history"]) and state["history"][-1].get("critic_at_chance", False)
+            if record["critic_at_chance"] and not was_at_chance and rank == 0:
+                log.warning(
+                    f"[biglearn] step {step}: the critic scores real and generated examples alike (loss "
+                    f"{extra['critic']:.4f} ~ log 4, R1 {extra['r1']:.1e}), so the generator gets no gradient from it; "
+                    "if this lasts and samples are poor, see 'A critic at chance' in benchmarks/README.md"
+                )
+            state["history"].append(record)
             window_F2.zero_()
             critic_3.zero_()
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from biglearn.export import load_export, write_export
-from biglearn.gan import critic_loss, draw_noise, fill_targets, flattens, generate, generator_loss, pose_tasks, view
+from biglearn.gan import CHANCE_LOSS, critic_at_chance, critic_loss, draw_noise, fill_targets, flattens, generate, generator_loss, pose_tasks, view
 from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
 from biglearn.roles import ABSENT, SOURCE, TARGET, Schedule, sample_roles
 
@@ -118,6 +118,19 @@ def test_r1_is_the_squared_input_gradient_on_real_data_only():
     changed_real = critic_loss(critic, real + 0.3, fake_b, roles, None, r1_weight=10.0)
     assert not torch.allclose(changed_real.r1_B, first.r1_B)
     assert torch.equal(critic_loss(critic, real, fake_b, roles, None, r1_weight=0.0).r1_B, torch.zeros(6))
+
+
+def test_a_critic_that_scores_everything_alike_is_flagged_at_chance():
+    real, roles = batch()
+    fake = torch.rand_like(real)
+    stalled = make(critic=True)
+    with torch.no_grad():
+        stalled.head.weight.zero_()
+        stalled.head.bias.zero_()
+    for critic, at_chance in ((stalled, True), (make(critic=True), False)):
+        loss = critic_loss(critic, real, fake, roles, None, r1_weight=1.0)
+        assert critic_at_chance(loss.adversarial_B.mean().item()) is at_chance
+    assert critic_at_chance(CHANCE_LOSS + 1e-3) and not critic_at_chance(CHANCE_LOSS - 0.01)
 
 
 @pytest.mark.parametrize("length, patch_dim, grid", [(2, 1, None), (L, P, GRID), (4, 80, (2, 2))])
