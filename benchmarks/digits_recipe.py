@@ -2,8 +2,9 @@
 
 A plain-PyTorch loop over the core modules (sample_roles -> UniversalTransformer ->
 big_learning_loss), AdamW with linear warmup then cosine decay to a floor, grad clipping 1.0.
-Prints train loss, the validation panel NLL and, at the end, DigitsQuality (the bottom half of
-each validation digit completed from its top half, judged by a classifier) plus wall time.
+Prints train loss, the validation panel NLL and, at the end, DigitsQuality's measures (bottom
+halves completed from top halves, joint samples judged as a distribution; each beside its
+reference in parentheses) plus wall time.
 
     python benchmarks/digits_recipe.py --steps 3000 --d-model 128 --layers 4 --threads 1
 
@@ -131,9 +132,12 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         metrics, _, _ = quality.score(model, steps=steps, order=order, temperature=temperature,
                                       top_k=top_k or None, guidance=guidance)
+        joint, conditional = metrics["joint"], metrics["conditional"]
         print(f"quality steps={steps} order={order} T={temperature} top_k={top_k} guidance={guidance}: "
-              f"acc={metrics['completion_accuracy']:.4f} "
-              f"joint_top={metrics['joint_top_class_probability']:.4f} "
+              f"acc={conditional['accuracy']:.4f} (reference {conditional['accuracy_reference']:.4f}) "
+              f"agreement={conditional['class_agreement']:.4f} ({conditional['class_agreement_reference']:.4f}) "
+              f"joint TV={joint['class_tv']:.4f} ({joint['class_tv_reference']:.4f}) "
+              f"MMD={joint['mmd']:.4f} ({joint['mmd_reference']:.4f}) near_copies={joint['near_copies']:.3f} "
               f"({time.perf_counter() - start:.1f}s)")
     print(f"train wall {train_seconds:.1f}s threads={args.threads}")
 

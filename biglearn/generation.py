@@ -38,7 +38,7 @@ def complete(
     roles_BL: torch.Tensor,
     generator: torch.Generator | Sequence[torch.Generator],
     steps: int = 16,
-    order: Order = "confidence",
+    order: Order = "random",
     temperature: float = 1.0,
     top_k: int | None = None,
     guidance: float = 0.0,

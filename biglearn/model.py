@@ -30,6 +30,8 @@ N = memory rows, R = neighbours retrieved.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -38,6 +40,12 @@ from torch import nn
 
 from biglearn.config import Config
 from biglearn.roles import ABSENT, SOURCE, TARGET
+
+# The retrieval memory's tie order: fixed keys per value position, mixed by two 64-bit odd
+# multipliers (an LCG's and a SplitMix-style step), so the order is the same in every process.
+TIE_SEED = 20241205
+MIX_A = 6364136223846793005
+MIX_B = 1442695040888963407
 
 
 class ModelConfig(Config):
@@ -87,9 +95,21 @@ class ModelSpec(Config):
     """A discriminator: one real-vs-fake score per example instead of values per position."""
     memory_rows: NonNegativeInt = 0
     """Examples in the retrieval memory (the training split) when model.retrieval_neighbours > 0."""
+    carries_training_data: bool = False
+    """Whether the weights hold training examples (the retrieval memory, `memory_rows` of them):
+    whoever gets the export or its weights gets those examples. Derived from `memory_rows`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "carries_training_data" not in data:
+            data = {**data, "carries_training_data": bool(data.get("memory_rows", 0))}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
+        if self.carries_training_data != (self.memory_rows > 0):
+            raise ValueError(f"carries_training_data must be {self.memory_rows > 0} with memory_rows {self.memory_rows}")
         if (self.vocab_size is None) == (self.patch_dim is None):
             raise ValueError("a model spec needs exactly one of vocab_size (discrete) and patch_dim (continuous)")
         if (self.noise_dim or self.critic) and self.patch_dim is None:
@@ -279,9 +299,15 @@ class NeighbourMemory(nn.Module):
     ordinal tokens such as pixel intensities; on the digits this beat counting mismatches by
     0.09 nats). Each position gets an embedding of what the neighbours hold there, nearest first
     (one-hot tokens or patches). Examples with no source get nothing: every example is as near
-    as any other. In training mode the memory example equal to the whole example is skipped, so
-    a training example never retrieves itself (its targets): the loss sees what held-out
-    examples, which are not in the memory, will get.
+    as any other.
+
+    Memory examples equally near are ordered by a pseudo-random key of the example's own sources
+    (positions and values), not by their index: with few sources (the first steps of decoding a
+    joint sample, a small marginal) most of the memory ties, and index order handed every such
+    row the same neighbours. A row's neighbours still do not depend on the rest of its batch, and
+    training meets the same order as generation. In training mode the memory example equal
+    to the whole example is skipped, so a training example never retrieves itself (its targets):
+    the loss sees what held-out examples, which are not in the memory, will get.
     """
 
     def __init__(self, spec: "ModelSpec", neighbours: int):
@@ -291,12 +317,28 @@ class NeighbourMemory(nn.Module):
         if spec.continuous:
             shape, dtype = (*shape, spec.patch_dim), torch.float32
         self.register_buffer("examples", torch.zeros(shape, dtype=dtype))
+        features = spec.length * (spec.patch_dim or 1)
+        keys = torch.randint(1, 2**31, (features,), generator=torch.Generator().manual_seed(TIE_SEED))
+        self.register_buffer("feature_keys", keys, persistent=False)
+        # Below one step between distinct distances: whole numbers for tokens; for patches, float noise.
+        self.tie_scale = 0.5 if spec.vocab_size is not None else 1e-6
         self.embed = nn.Linear(neighbours * (spec.vocab_size or spec.patch_dim), spec.model.d_model)
 
     def remember(self, examples: torch.Tensor) -> None:
         if examples.shape != self.examples.shape:
             raise ValueError(f"the memory holds {tuple(self.examples.shape)} values, got {tuple(examples.shape)}")
         self.examples.copy_(examples)
+
+    def _tie_breaks(self, x_BF: torch.Tensor, source_BF: torch.Tensor) -> torch.Tensor:
+        """u_BN in [0, 1): a pseudo-random order of the memory for each row, keyed on its sources."""
+        quantised_BF = (x_BF.double() * (1 if self.vocab_size is not None else 2**16)).round().long() + 1
+        key_B = (torch.where(source_BF, quantised_BF, 0) * self.feature_keys).sum(1)  # int64, wraps
+        index_N = torch.arange(self.examples.shape[0], device=x_BF.device)
+        h_BN = key_B[:, None] * MIX_A + index_N * MIX_B
+        h_BN = h_BN ^ ((h_BN >> 31) & ((1 << 33) - 1))
+        h_BN = h_BN * MIX_A
+        h_BN = h_BN ^ ((h_BN >> 29) & ((1 << 35) - 1))
+        return ((h_BN >> 8) & ((1 << 24) - 1)).float() / 2**24
 
     def nearest(self, values: torch.Tensor, roles_BL: torch.Tensor) -> torch.Tensor:
         """index_BR: the memory examples nearest to each example on its sources, nearest first."""
@@ -309,6 +351,7 @@ class NeighbourMemory(nn.Module):
         with torch.autocast(values.device.type, enabled=False):
             x_BF = torch.where(source_BF, whole_BF.float(), 0.0)
             distance_BN = x_BF.square().sum(1, keepdim=True) - 2 * x_BF @ memory_NF.T + source_BF.float() @ memory_NF.square().T
+            distance_BN = distance_BN + self.tie_scale * self._tie_breaks(x_BF, source_BF)
         if not self.training:
             return distance_BN.topk(self.neighbours, dim=1, largest=False, sorted=True).indices
         # A training example is in the memory at distance 0, so among its nearest neighbours + 1

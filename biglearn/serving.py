@@ -74,7 +74,7 @@ class DecodingConfig(Config):
     """What a request gets for the decoding fields it leaves out."""
 
     steps: PositiveInt = 16
-    order: Order = "confidence"
+    order: Order = "random"  # confidence order collapses joint samples (README.md, Results)
     temperature: NonNegativeFloat = 1.0
     top_k: PositiveInt | None = None
     guidance: NonNegativeFloat = 0.0
@@ -114,6 +114,8 @@ class ModelCard(BaseModel):
     panel: dict[str, Any] | None = Field(description="panel scores from training (panel.json), if evaluated")
     config_sha256: str = Field(description="sha256 of the training config (canonical JSON)")
     architecture: dict[str, Any]
+    carries_training_data: bool = Field(
+        description="the weights hold training examples (a retrieval memory): sharing the export shares them")
 
 
 class ExportedModel:
@@ -140,6 +142,7 @@ class ExportedModel:
             panel=_read_json(panel_path) if panel_path.is_file() else None,
             config_sha256=hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
             architecture=self.spec.model.model_dump(),
+            carries_training_data=self.spec.carries_training_data,
         )
         self.image_shape = _png_shape(self.spec, geometry)
         self.problem = self._probe()

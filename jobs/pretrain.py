@@ -15,6 +15,7 @@ from pathlib import Path
 from biglearn.config import ConfigError, job_parser, load_config
 from biglearn.data.manifest import DatasetError
 from biglearn.train.config import PretrainConfig
+from biglearn.train.evaluate import quality_report
 from biglearn.train.run import PretrainError, pretrain
 
 DEFAULT = Path(__file__).parent / "configs" / "digits-quick.yaml"
@@ -43,20 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         modes = summary["modes"]
         print(f"[biglearn] joint samples cover {modes['modes_covered']}/{modes['modes']} modes; "
               f"{modes['high_quality']:.3f} of them within 3 standard deviations of a mode")
-    if "completion_pairwise_distance" in summary.get("quality", {}):
-        print(f"[biglearn] completions of one input differ across noise draws by "
-              f"{summary['quality']['completion_pairwise_distance']:.3f} on average (L2, [0, 1] pixels; 0 if deterministic)")
     if "quality" in summary:
-        refs, quality = summary["references"], summary["quality"]
-        print(
-            f"[biglearn] bottom-half completions classified correctly: {quality['completion_accuracy']:.3f} "
-            f"(real digits {refs['real_validation']:.3f}, nearest neighbour {refs['nearest_neighbour']:.3f}, "
-            f"random of 5 nearest {refs['random_of_5_nearest']:.3f}); joint samples' mean top-class "
-            f"probability {quality['joint_top_class_probability']:.3f}"
-        )
-        if "completion_accuracy_unguided" in quality:
-            print(f"[biglearn] that is with guidance {cfg.eval.guidance:g}; without it: "
-                  f"{quality['completion_accuracy_unguided']:.3f}")
+        print("\n".join(quality_report(summary, cfg.eval.guidance)))
         print(f"[biglearn] completions: {outcome.run_folder}/completions.png")
     print(f"[biglearn] export: {outcome.export}")
     return 0

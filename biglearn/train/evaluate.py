@@ -92,18 +92,11 @@ def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: 
             guidance=cfg.guidance,
             seed=cfg.seed,
             num_joint=cfg.num_joint,
+            draws=cfg.draws,
         )
         summary["quality"] = metrics
         summary["references"] = quality.references()
-        rows, cols = spec.grid
-        shown = slice(0, cfg.num_shown)
-        given = np.where(quality.top_half, quality.images, -1)
-        _save_grid(
-            export.parent / "completions.png",
-            [quality.images[shown], given[shown], completions[shown], joint[shown]],
-            (rows, cols),
-            manifest.vocab_size - 1,
-        )
+        _save_completions(export.parent / "completions.png", quality, completions, joint, cfg.num_shown)
     (export / PANEL).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -115,18 +108,52 @@ def _evaluate_generator(export: Path, model, spec, data_uri: str, manifest: Mani
     values = torch.from_numpy(values).float()[: cfg.panel_examples]
     summary: dict = {"generator_panel": generator_panel(model, values, spec.grid)}
     if quality:
-        metrics, completions, joint = quality.score_generator(
-            model, seed=cfg.seed, num_joint=cfg.num_joint, noise_draws=cfg.noise_draws
-        )
+        metrics, completions, joint = quality.score_generator(model, seed=cfg.seed, num_joint=cfg.num_joint, draws=cfg.draws)
         summary["quality"] = metrics
         summary["references"] = quality.references()
-        shown = slice(0, cfg.num_shown)
-        given = np.where(quality.top_half, quality.images, -1)
-        _save_grid(export.parent / "completions.png", [quality.images[shown], given[shown], completions[shown], joint[shown]], (8, 8), 16)
+        _save_completions(export.parent / "completions.png", quality, completions, joint, cfg.num_shown)
     if is_mixture(manifest):
         summary["modes"] = joint_mode_coverage(model, manifest.name, cfg.seed)
     (export / PANEL).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def quality_report(summary: dict, guidance: float) -> list[str]:
+    """The digits' quality measures as lines for a person: each figure beside its reference."""
+    quality, refs = summary["quality"], summary["references"]
+    joint, conditional, marginal = quality["joint"], quality["conditional"], quality["marginal_left_half"]
+    lines = [
+        "[biglearn] samples judged as distributions: model | reference (real digits, same split)",
+        f"  joint, {joint['samples']} samples: class TV to validation {joint['class_tv']:.3f} | {joint['class_tv_reference']:.3f}, "
+        f"classes covered {joint['classes_covered']}/{len(joint['class_histogram'])}, MMD {joint['mmd']:.3f} | {joint['mmd_reference']:.3f}, "
+        f"median distance to nearest training digit {joint['nearest_train_median']:.3f} | "
+        f"{joint['nearest_train_median_reference']:.3f}, near copies {joint['near_copies']:.3f} | {joint['near_copies_reference']:.3f}",
+        f"  bottom half given the top, {conditional['draws_per_input']} draws per validation digit: judged correct "
+        f"{conditional['accuracy']:.3f} | {conditional['accuracy_reference']:.3f} (reference posterior), two draws of one "
+        f"digit in the same class {conditional['class_agreement']:.3f} | {conditional['class_agreement_reference']:.3f}, "
+        f"MMD to training digits {conditional['mmd_to_train']:.3f} | {conditional['mmd_to_train_reference']:.3f}",
+        f"  left half with the right half absent (a marginal): MMD {marginal['mmd']:.3f} | {marginal['mmd_reference']:.3f}",
+        f"[biglearn] bottom-half completions classified correctly (first draw): {quality['completion_accuracy']:.3f} "
+        f"(real digits {refs['real_validation']:.3f}, nearest neighbour {refs['nearest_neighbour']:.3f}, "
+        f"random of 5 nearest {refs['random_of_5_nearest']:.3f})",
+    ]
+    if "completion_accuracy_unguided" in quality:
+        lines.append(f"[biglearn] that is with guidance {guidance:g}; without it: {quality['completion_accuracy_unguided']:.3f}")
+    if "completion_pairwise_distance" in quality:
+        lines.append(f"[biglearn] two noise draws of one completion differ by {quality['completion_pairwise_distance']:.3f} "
+                     "on average (L2, [0, 1] pixels; 0 if deterministic)")
+    lines.append(f"[biglearn] joint samples' mean top-class probability {quality['joint_top_class_probability']:.3f} "
+                 "(a confidence, not a measure of the distribution)")
+    return lines
+
+
+def _save_completions(path: Path, quality: DigitsQuality, completions_KNF: np.ndarray, joint_MF: np.ndarray, shown: int):
+    """completions.png: originals, their given top halves, up to 4 draws of each completion, then
+    4 rows of joint samples (enough that a collapse shows at a glance)."""
+    given = np.where(quality.top_half, quality.images, -1)
+    rows = [quality.images[:shown], given[:shown], *completions_KNF[:4, :shown]]
+    rows += [joint_MF[i * shown : (i + 1) * shown] for i in range(4)]
+    _save_grid(path, [row for row in rows if len(row)], (8, 8), 16)
 
 
 def _save_grid(path: Path, rows_of_images: list[np.ndarray], shape: tuple[int, int], top: int, scale: int = 8):

@@ -43,6 +43,7 @@ def tiny_overrides(data: str, storage: str | Path, name: str, *extra: str) -> li
         "eval.panel_steps=2",
         "eval.decode_steps=2",
         "eval.num_joint=4",
+        "eval.draws=2",
         "eval.num_shown=4",
         *extra,
     ]

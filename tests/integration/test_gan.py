@@ -85,6 +85,7 @@ def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_
     assert {"joint", "bottom_half"} <= set(panel["generator_panel"])
     assert panel["quality"]["completion_pairwise_distance"] > 0  # noise matters
     assert 0 <= panel["quality"]["completion_accuracy"] <= 1
+    assert {"class_tv", "mmd", "near_copies"} <= set(panel["quality"]["joint"])
     assert (Path(killed.run_folder) / "completions.png").stat().st_size > 0
 
 

@@ -51,6 +51,9 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint(ray_cluster, digits,
     assert all(0 < v < 10 for v in panel.values())
     quality = json.loads((export / "panel.json").read_text())["quality"]
     assert {"completion_accuracy", "completion_accuracy_unguided", "joint_top_class_probability"} <= set(quality)
+    assert quality["conditional"]["draws_per_input"] == 2 and quality["joint"]["samples"] == 4
+    assert {"mmd", "mmd_reference"} <= set(quality["marginal_left_half"])
+    assert spec.carries_training_data and json.loads((export / "model.json").read_text())["carries_training_data"]
     assert (Path(outcome.run_folder) / "completions.png").stat().st_size > 0
     with torch.no_grad():
         logits = model(torch.zeros(1, 64, dtype=torch.long), torch.full((1, 64), 2, dtype=torch.int8))

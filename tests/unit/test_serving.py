@@ -75,6 +75,7 @@ def test_card_describes_the_export(served, tmp_path):
     card = served.card
     assert (card.dataset, card.kind, card.length, card.vocab_size, card.png) == ("toy", "discrete", L, V, True)
     assert card.geometry == {"height": H, "width": W} and card.panel == {"panel_nll": {"joint": 1.5}}
+    assert card.carries_training_data  # its memory holds training rows
     assert served.problem is None
     # the hash is of the content, not of the file's formatting
     other = tmp_path / "other"
@@ -162,7 +163,7 @@ def test_schema_refuses_malformed_fields(body):
 
 def test_decoding_defaults_come_from_config(served):
     t = task(served, values={0: 1})
-    assert astuple(t.decoding) == (4, "confidence", 1.0, None, 0.0)
+    assert astuple(t.decoding) == (4, "random", 1.0, None, 0.0)
     t = task(served, values={0: 1}, steps=2, order="random", temperature=0.5, top_k=3, guidance=1.5)
     assert astuple(t.decoding) == (2, "random", 0.5, 3, 1.5)
 
