@@ -301,11 +301,13 @@ class NeighbourMemory(nn.Module):
     (one-hot tokens or patches). Examples with no source get nothing: every example is as near
     as any other.
 
-    Memory examples equally near are ordered by a pseudo-random key of the example's own sources
-    (positions and values), not by their index: with few sources (the first steps of decoding a
-    joint sample, a small marginal) most of the memory ties, and index order handed every such
-    row the same neighbours. A row's neighbours still do not depend on the rest of its batch, and
-    training meets the same order as generation. In training mode the memory example equal
+    For tokens, memory examples equally near are ordered by a pseudo-random key of the example's
+    own sources (positions and values), not by their index: with few sources (the first steps of
+    decoding a joint sample, a small marginal) most of the memory ties, and index order handed
+    every such row the same neighbours. A row's neighbours still do not depend on the rest of its
+    batch, and training meets the same order as generation. Patches keep index order among exact
+    ties: a generator's samples differ by their noise, and the keyed order measured worse on the
+    digits GAN (README.md, Results). In training mode the memory example equal
     to the whole example is skipped, so a training example never retrieves itself (its targets):
     the loss sees what held-out examples, which are not in the memory, will get.
     """
@@ -317,11 +319,10 @@ class NeighbourMemory(nn.Module):
         if spec.continuous:
             shape, dtype = (*shape, spec.patch_dim), torch.float32
         self.register_buffer("examples", torch.zeros(shape, dtype=dtype))
-        features = spec.length * (spec.patch_dim or 1)
-        keys = torch.randint(1, 2**31, (features,), generator=torch.Generator().manual_seed(TIE_SEED))
-        self.register_buffer("feature_keys", keys, persistent=False)
-        # Below one step between distinct distances: whole numbers for tokens; for patches, float noise.
-        self.tie_scale = 0.5 if spec.vocab_size is not None else 1e-6
+        keys = torch.randint(1, 2**31, (spec.length,), generator=torch.Generator().manual_seed(TIE_SEED))
+        self.register_buffer("position_keys", keys, persistent=False)
+        # Token distances are whole numbers: a tie break below 1 reorders ties only.
+        self.tie_scale = 0.5 if spec.vocab_size is not None else 0.0
         self.embed = nn.Linear(neighbours * (spec.vocab_size or spec.patch_dim), spec.model.d_model)
 
     def remember(self, examples: torch.Tensor) -> None:
@@ -329,11 +330,10 @@ class NeighbourMemory(nn.Module):
             raise ValueError(f"the memory holds {tuple(self.examples.shape)} values, got {tuple(examples.shape)}")
         self.examples.copy_(examples)
 
-    def _tie_breaks(self, x_BF: torch.Tensor, source_BF: torch.Tensor) -> torch.Tensor:
+    def _tie_breaks(self, tokens_BL: torch.Tensor, source_BL: torch.Tensor) -> torch.Tensor:
         """u_BN in [0, 1): a pseudo-random order of the memory for each row, keyed on its sources."""
-        quantised_BF = (x_BF.double() * (1 if self.vocab_size is not None else 2**16)).round().long() + 1
-        key_B = (torch.where(source_BF, quantised_BF, 0) * self.feature_keys).sum(1)  # int64, wraps
-        index_N = torch.arange(self.examples.shape[0], device=x_BF.device)
+        key_B = (torch.where(source_BL, tokens_BL.long() + 1, 0) * self.position_keys).sum(1)  # int64, wraps
+        index_N = torch.arange(self.examples.shape[0], device=tokens_BL.device)
         h_BN = key_B[:, None] * MIX_A + index_N * MIX_B
         h_BN = h_BN ^ ((h_BN >> 31) & ((1 << 33) - 1))
         h_BN = h_BN * MIX_A
@@ -351,7 +351,8 @@ class NeighbourMemory(nn.Module):
         with torch.autocast(values.device.type, enabled=False):
             x_BF = torch.where(source_BF, whole_BF.float(), 0.0)
             distance_BN = x_BF.square().sum(1, keepdim=True) - 2 * x_BF @ memory_NF.T + source_BF.float() @ memory_NF.square().T
-            distance_BN = distance_BN + self.tie_scale * self._tie_breaks(x_BF, source_BF)
+            if self.tie_scale:
+                distance_BN = distance_BN + self.tie_scale * self._tie_breaks(whole_BF, source_BF)
         if not self.training:
             return distance_BN.topk(self.neighbours, dim=1, largest=False, sorted=True).indices
         # A training example is in the memory at distance 0, so among its nearest neighbours + 1
