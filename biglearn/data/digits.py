@@ -211,7 +211,7 @@ class DigitsQuality:
         completions = judge_pixels(completions, self.manifest).reshape(draws, len(self.images), -1)
         joint, marginal = judge_pixels(joint, self.manifest), judge_pixels(marginal, self.manifest)
         metrics = self.judge_samples(completions, joint, marginal, seed)
-        first, second = completions[0] / 16, completions[min(1, draws - 1)] / 16
+        first, second = completions[0] / 16, completions[1] / 16
         metrics["completion_pairwise_distance"] = float(np.linalg.norm(first - second, axis=1).mean())
         return metrics, completions, joint
 
@@ -228,15 +228,16 @@ class DigitsQuality:
         judge, num_classes = self.judge.classifier, len(self.top_half_posterior[0])
         scale = 16.0  # pixels to [0, 1] for distances
         real = self.images / scale
-        # Real training digits as many as the joint samples: the reference set of the same size.
-        subset = np.random.default_rng(seed).choice(len(self.train_images), len(joint_MF), replace=False)
+        # Real training digits as many as the joint samples (up to all of them): the reference set.
+        size = min(len(joint_MF), len(self.train_images))
+        subset = np.random.default_rng(seed).choice(len(self.train_images), size, replace=False)
         train = self.train_images[subset] / scale
         width = dist.median_bandwidth(real)
 
         draw_classes_NK = np.stack([judge.predict(c) for c in completions_KNF], 1)
         conditional = {
             "draws_per_input": int(completions_KNF.shape[0]),
-            "class_agreement": dist.pairwise_agreement(draw_classes_NK) if completions_KNF.shape[0] > 1 else 1.0,
+            "class_agreement": dist.pairwise_agreement(draw_classes_NK),
             "class_agreement_reference": dist.expected_agreement(self.top_half_posterior),
             "accuracy": float((draw_classes_NK == self.labels[:, None]).mean()),
             "accuracy_reference": float(self.top_half_posterior[np.arange(len(self.labels)), self.labels].mean()),

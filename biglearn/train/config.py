@@ -110,7 +110,7 @@ class EvalConfig(Config):
     num_joint: PositiveInt = 500
     """Joint samples (and as many left-half marginal samples) judged as a distribution."""
     num_shown: PositiveInt = 16
-    draws: PositiveInt = 8
+    draws: int = Field(8, ge=2)
     """Completions drawn per validation input, to judge their spread against a reference posterior."""
 
 
