@@ -146,11 +146,14 @@ def test_completions_keep_given_values_fill_targets_and_repeat_by_seed(server):
     # the list form with nulls is the same request
     listed = [known.get(i) for i in range(L)]
     assert post(base, {**body, "values": listed}).json() == first.json()
-    # guided: the same seed, other draws (a second, unconditional model call reweights them); sources kept
-    guided = post(base, {**body, "guidance": 2.0}).json()
-    assert guided["guidance"] == 2.0 and first.json()["guidance"] == 0.0
+    # guided: the same seed, other draws (a second, unconditional model call reweights them); sources
+    # kept. In confidence order, as the reweighting also moves which targets commit first: this
+    # barely trained model's two calls differ too little to change inverse-CDF draws on their own.
+    guided = post(base, {**body, "order": "confidence", "guidance": 2.0}).json()
+    unguided = post(base, {**body, "order": "confidence"}).json()
+    assert guided["guidance"] == 2.0 and unguided["guidance"] == 0.0
     assert all(s["values"][k] == v for s in guided["samples"] for k, v in known.items())
-    assert guided["samples"] != first.json()["samples"]
+    assert guided["samples"] != unguided["samples"]
 
     # explicit targets: only they are filled; positions in neither S nor T come back as 0
     partial = post(base, {"values": {"0": 5}, "target": [10, 20, 30], "seed": 3, "return_png": True}).json()
