@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from biglearn import distribution as dist
 from biglearn.data.manifest import DatasetError, Manifest, read_manifest, read_split
 from biglearn.data.prepare import write_source
 from biglearn.data.sources import digits_source, from_patches
@@ -123,6 +124,11 @@ class DigitsQuality:
             StandardScaler(), MLPClassifier((128,), alpha=0.3, max_iter=2000, random_state=0))
         top_half_classifier.fit(self.train_images[:, self.top_half], self.train_labels)
         self.top_half_posterior = top_half_classifier.predict_proba(self.images[:, self.top_half])
+        # What judge_samples compares against, fixed by the data: kernel widths and the validation
+        # digits' distances to their nearest training digit (pixels in [0, 1]).
+        real = self.images / 16
+        self.width, self.left_width = dist.median_bandwidth(real), dist.median_bandwidth(real[:, self.left_half])
+        self.nearest_real = dist.nearest_distances(real, self.train_images / 16)
 
     def references(self) -> dict[str, float]:
         judge, given = self.judge, self.top_half
@@ -223,8 +229,6 @@ class DigitsQuality:
         Returns {"completion_accuracy" (first draw), "completion_accuracy_over_draws",
         "joint_top_class_probability", "conditional": {...}, "joint": {...}, "marginal_left_half":
         {...}}; every `x` in a group stands beside its `x_reference`."""
-        from biglearn import distribution as dist
-
         judge, num_classes = self.judge.classifier, len(self.top_half_posterior[0])
         scale = 16.0  # pixels to [0, 1] for distances
         real = self.images / scale
@@ -232,7 +236,7 @@ class DigitsQuality:
         size = min(len(joint_MF), len(self.train_images))
         subset = np.random.default_rng(seed).choice(len(self.train_images), size, replace=False)
         train = self.train_images[subset] / scale
-        width = dist.median_bandwidth(real)
+        width, nearest_real = self.width, self.nearest_real
 
         draw_classes_NK = np.stack([judge.predict(c) for c in completions_KNF], 1)
         conditional = {
@@ -250,7 +254,6 @@ class DigitsQuality:
         validation_histogram = dist.class_histogram(self.labels, num_classes)
         samples = joint_MF / scale
         nearest = dist.nearest_distances(samples, self.train_images / scale)
-        nearest_real = dist.nearest_distances(real, self.train_images / scale)
         copy_radius = float(np.quantile(nearest_real, 0.05))
         joint = {
             "samples": len(joint_MF),
@@ -270,10 +273,9 @@ class DigitsQuality:
         }
 
         left = self.left_half
-        left_width = dist.median_bandwidth(real[:, left])
         marginal = {
-            "mmd": dist.mmd(marginal_MF[:, left] / scale, real[:, left], left_width),
-            "mmd_reference": dist.mmd(train[:, left], real[:, left], left_width),
+            "mmd": dist.mmd(marginal_MF[:, left] / scale, real[:, left], self.left_width),
+            "mmd_reference": dist.mmd(train[:, left], real[:, left], self.left_width),
         }
         return {
             "completion_accuracy": self.judge.accuracy(completions_KNF[0], self.labels),
