@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                                           top_k=None, guidance=guidance, seed=args.seed)
         c, j, m = metrics["conditional"], metrics["joint"], metrics["marginal_left_half"]
         name = order if guidance is None else f"{order}, guidance {guidance:g}"
-        print(f"{name} | {c['accuracy']:.3f} ({metrics['completion_accuracy']:.3f}) | {c['class_agreement']:.3f} | "
+        print(f"{name} | {c['accuracy']:.3f} ({metrics['completion_accuracy_first_draw']:.3f}) | {c['class_agreement']:.3f} | "
               f"{c['mmd_to_train']:.3f} | {j['class_tv']:.3f}, {j['classes_covered']} | {j['mmd']:.3f} | "
               f"{j['nearest_train_median']:.2f}, {j['near_copies']:.3f} | {m['mmd']:.3f} | {time.perf_counter() - start:.0f}")
     print(f"reference | {c['accuracy_reference']:.3f} | {c['class_agreement_reference']:.3f} | "

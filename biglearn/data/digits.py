@@ -168,7 +168,7 @@ class DigitsQuality:
         """Returns (`judge_samples`' measures, completions [draws, N, 64], joint samples
         [num_joint, 64]) of a token model decoding with these settings.
 
-        With guidance, `completion_accuracy_unguided` scores the first draw without it (joint
+        With guidance, `completion_accuracy_unguided` scores a first draw without it (joint
         and marginal samples have no sources, so guidance leaves them alone)."""
         import torch
 
@@ -226,7 +226,7 @@ class DigitsQuality:
         """The measures of samples given as 0..16 pixels: K draws of each validation input's
         completion, M joint samples and M left-half marginal samples (right half ignored).
 
-        Returns {"completion_accuracy" (first draw), "completion_accuracy_over_draws",
+        Returns {"completion_accuracy" (over all draws), "completion_accuracy_first_draw",
         "joint_top_class_probability", "conditional": {...}, "joint": {...}, "marginal_left_half":
         {...}}; every `x` in a group stands beside its `x_reference`."""
         judge, num_classes = self.judge.classifier, len(self.top_half_posterior[0])
@@ -278,8 +278,8 @@ class DigitsQuality:
             "mmd_reference": dist.mmd(train[:, left], real[:, left], self.left_width),
         }
         return {
-            "completion_accuracy": self.judge.accuracy(completions_KNF[0], self.labels),
-            "completion_accuracy_over_draws": conditional["accuracy"],
+            "completion_accuracy": conditional["accuracy"],
+            "completion_accuracy_first_draw": self.judge.accuracy(completions_KNF[0], self.labels),
             "joint_top_class_probability": self.judge.mean_top_probability(joint_MF),
             "conditional": conditional,
             "joint": joint,

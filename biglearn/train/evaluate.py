@@ -133,12 +133,13 @@ def quality_report(summary: dict, guidance: float) -> list[str]:
         f"digit in the same class {conditional['class_agreement']:.3f} | {conditional['class_agreement_reference']:.3f}, "
         f"MMD to training digits {conditional['mmd_to_train']:.3f} | {conditional['mmd_to_train_reference']:.3f}",
         f"  left half with the right half absent (a marginal): MMD {marginal['mmd']:.3f} | {marginal['mmd_reference']:.3f}",
-        f"[biglearn] bottom-half completions classified correctly (first draw): {quality['completion_accuracy']:.3f} "
+        f"[biglearn] bottom-half completions classified correctly: {quality['completion_accuracy']:.3f} over "
+        f"{conditional['draws_per_input']} draws, {quality['completion_accuracy_first_draw']:.3f} on the first "
         f"(real digits {refs['real_validation']:.3f}, nearest neighbour {refs['nearest_neighbour']:.3f}, "
         f"random of 5 nearest {refs['random_of_5_nearest']:.3f})",
     ]
     if "completion_accuracy_unguided" in quality:
-        lines.append(f"[biglearn] that is with guidance {guidance:g}; without it: {quality['completion_accuracy_unguided']:.3f}")
+        lines.append(f"[biglearn] that is with guidance {guidance:g}; a first draw without it: {quality['completion_accuracy_unguided']:.3f}")
     if "completion_pairwise_distance" in quality:
         lines.append(f"[biglearn] two noise draws of one completion differ by {quality['completion_pairwise_distance']:.3f} "
                      "on average (L2, [0, 1] pixels; 0 if deterministic)")

@@ -50,7 +50,7 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint(ray_cluster, digits,
     assert {"joint", "bottom_half", "random_50"} <= set(panel)
     assert all(0 < v < 10 for v in panel.values())
     quality = json.loads((export / "panel.json").read_text())["quality"]
-    assert {"completion_accuracy", "completion_accuracy_unguided", "joint_top_class_probability"} <= set(quality)
+    assert {"completion_accuracy", "completion_accuracy_first_draw", "completion_accuracy_unguided", "joint_top_class_probability"} <= set(quality)
     assert quality["conditional"]["draws_per_input"] == 2 and quality["joint"]["samples"] == 4
     assert {"mmd", "mmd_reference"} <= set(quality["marginal_left_half"])
     assert spec.carries_training_data and json.loads((export / "model.json").read_text())["carries_training_data"]
