@@ -40,7 +40,7 @@ from biglearn.config import load_config  # noqa: E402
 from biglearn.data.manifest import read_manifest, shard_uris  # noqa: E402
 from biglearn.data.storage import resolve  # noqa: E402
 from biglearn.train.config import DataConfig, PretrainConfig  # noqa: E402
-from biglearn.train.loop import fetch_rows  # noqa: E402
+from biglearn.train.ingest import fetch_rows  # noqa: E402
 from biglearn.train.run import shard_dataset  # noqa: E402
 
 LENGTH = 64
@@ -107,7 +107,7 @@ def memory_mb() -> dict[str, float]:
 def ingest_worker(config: dict) -> None:
     import ray.train
 
-    from biglearn.train.loop import micro_batches
+    from biglearn.train.ingest import micro_batches
 
     shard = ray.train.get_dataset_shard("train")
     start, first, rows, peak, trace = time.perf_counter(), None, 0, {"private": 0.0, "shared": 0.0}, []

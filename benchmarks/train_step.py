@@ -29,7 +29,7 @@ import torch
 from biglearn.config import load_config
 from biglearn.data.digits import ensure_digits
 from biglearn.data.manifest import read_manifest, read_split
-from biglearn.model import ModelSpec, UniversalTransformer, _pack_index
+from biglearn.model import ModelSpec, UniversalTransformer, pack_index
 from biglearn.objectives import big_learning_loss
 from biglearn.roles import Schedule, sample_roles
 from biglearn.train.config import PretrainConfig
@@ -96,7 +96,7 @@ def overhead_share(cfg: PretrainConfig, values: torch.Tensor, grid, samples_per_
     start = time.perf_counter()
     for _ in range(repeats):
         roles, _ = sample_roles(cfg.schedule, batch, values.shape[1], generator, grid)
-        _pack_index(roles.long())
+        pack_index(roles.long())
     per_step = (time.perf_counter() - start) / repeats
     return per_step / (batch / samples_per_s)
 

@@ -269,7 +269,7 @@ class UniversalTransformer(nn.Module):
             x_BLD = x_BLD + transformed_B.to(x_BLD.dtype)[:, None, None] * self.view_embed
         keep_BK, attend_B11K = None, None
         if spec.model.drop_absent:
-            keep_BK, attend_B11K = _pack_index(roles_BL)
+            keep_BK, attend_B11K = pack_index(roles_BL)
         if keep_BK is not None:
             x = x_BLD.gather(1, keep_BK[..., None].expand(-1, -1, x_BLD.shape[-1]))
         else:
@@ -387,7 +387,7 @@ def _explicit_attention(q_BHKE, k_BHKE, v_BHKE, attend_B11K, dropout_p):
     return weights_BHKK @ v_BHKE
 
 
-def _pack_index(roles_BL: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def pack_index(roles_BL: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Indices of the non-absent positions of each row (first K = max count), and the key mask.
 
     Returns (None, None) when no position is absent, and (None, key mask) when some row keeps

@@ -199,16 +199,17 @@ def _image_roles(target_frac_B, start_u_B, grid, device):
     return [half, box]
 
 
-def task_seed(seed: int, step: int, rank: int, schedule: Schedule) -> int:
-    """Seed of the generator that draws step `step`'s roles on `rank`.
+def task_seed(seed: int, step: int, rank: int, schedule: Schedule, micro: int = 0, accum: int = 1) -> int:
+    """Seed of the generator that draws the roles of optimizer step `step` (counted from 1)'s
+    micro-step `micro` (of `accum`) on `rank`.
 
-    Deriving it from (seed, step, rank) makes the sampler's state trivially resumable. With
-    granularity='batch' every rank shares the task (one global batch, one task) and it changes
-    every `inner_steps` steps.
+    Deriving it from (seed, step, micro-step, rank) makes the sampler's state trivially
+    resumable. With granularity='batch' every rank and every micro-step of a step shares the task
+    (one global batch, one task), and it changes every `inner_steps` optimizer steps.
     """
     if schedule.granularity == "batch":
-        return _mix(seed, step // schedule.inner_steps, 0)
-    return _mix(seed, step, rank + 1)
+        return _mix(seed, (step - 1) // schedule.inner_steps, 0)
+    return _mix(seed, step * accum + micro, rank + 1)
 
 
 def _mix(*parts: int) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from biglearn import distribution as dist
-from biglearn.data.manifest import DatasetError, Manifest, read_manifest, read_split
+from biglearn.data.manifest import Manifest, read_manifest, read_split
 from biglearn.data.prepare import write_source
 from biglearn.data.sources import digits_source, from_patches
 
@@ -26,11 +26,7 @@ VALIDATION_FRACTION = 0.2  # 360 of the 1,797 digits
 
 def ensure_digits(uri: str | Path, continuous: bool = False) -> Manifest:
     """Returns the digits dataset at `uri`, writing it first if it is not there (as continuous
-    2x2 patches when `continuous`)."""
-    try:
-        return read_manifest(str(uri))
-    except DatasetError:
-        pass
+    2x2 patches when `continuous`). A folder holding anything else is refused (DatasetError)."""
     return write_source(
         digits_source("patches" if continuous else "tokens"), str(uri), name=NAME,
         validation_fraction=VALIDATION_FRACTION, seed=SPLIT_SEED, rows_per_shard=500,

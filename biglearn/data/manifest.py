@@ -20,7 +20,7 @@ from typing import Iterable, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import NonNegativeInt, PositiveInt
+from pydantic import NonNegativeInt, PositiveInt, ValidationError
 
 from biglearn.config import Config
 from biglearn.data.storage import StorageError, join, list_files, read_bytes, resolve
@@ -82,7 +82,8 @@ def read_manifest(uri: str) -> Manifest:
     except FileNotFoundError:
         if not list_files(uri):
             raise DatasetError(
-                f"no dataset at {uri}: it does not exist or is empty; check data.path, or run jobs/prepare_data.py"
+                f"no dataset at {uri}: it does not exist or is empty; check data.path (convert data with "
+                "jobs/prepare_data.py), or leave data.path unset to train on the embedded digits"
             ) from None
         raise DatasetError(
             f"{uri} has no {MANIFEST}: the dataset is incomplete (an interrupted write?); "
@@ -93,7 +94,18 @@ def read_manifest(uri: str) -> Manifest:
     try:
         return Manifest.model_validate(json.loads(raw))
     except ValueError as exc:
-        raise DatasetError(f"{join(uri, MANIFEST)} is not a valid manifest: {exc}") from None
+        raise DatasetError(
+            f"{join(uri, MANIFEST)} is not a valid manifest ({_first_line(exc)}): it was changed or damaged after "
+            "jobs/prepare_data.py wrote it; restore it, or convert the data again into an empty folder"
+        ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    """A validation or JSON error in one line."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        return f"{'.'.join(str(part) for part in first['loc']) or 'the document'}: {first['msg']}"
+    return str(exc).strip().splitlines()[0]
 
 
 def verify_shards(uri: str, manifest: Manifest, splits: Iterable[str], max_hash_bytes: int | None = None, seed: int = 0) -> int:
@@ -143,20 +155,49 @@ def _verify_content(uri: str, shard: Shard, manifest: Manifest) -> None:
         raise DatasetError(f"shard {where} listed in the manifest is missing; run prepare_data again") from None
     except StorageError as exc:
         raise DatasetError(str(exc)) from None
-    if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
+    if len(data) != shard.bytes:
         raise DatasetError(
-            f"shard {where} is corrupted: its size or sha256 does not match the manifest "
-            f"({len(data)} bytes, expected {shard.bytes}); run prepare_data again"
+            f"shard {where} is corrupted or truncated: {len(data)} bytes, the manifest says {shard.bytes}; "
+            "run prepare_data again"
+        )
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise DatasetError(
+            f"shard {where} is corrupted: its size is right but its content differs from what was written "
+            "(sha256 mismatch); run prepare_data again"
         )
     try:
-        meta = pq.ParquetFile(io.BytesIO(data)).metadata
+        parquet = pq.ParquetFile(io.BytesIO(data))
     except pa.ArrowException as exc:
         raise DatasetError(f"shard {where} is not readable Parquet: {exc}") from None
-    if meta.num_rows != shard.rows:
-        raise DatasetError(f"shard {where} holds {meta.num_rows} rows, the manifest says {shard.rows}")
-    problem = schema_mismatch(meta.schema.to_arrow_schema(), manifest)
+    if parquet.metadata.num_rows != shard.rows:
+        raise DatasetError(
+            f"shard {where} holds {parquet.metadata.num_rows} rows, the manifest says {shard.rows}: the manifest "
+            "does not describe this shard; run prepare_data again (with overwrite=true) to rewrite both"
+        )
+    problem = schema_mismatch(parquet.metadata.schema.to_arrow_schema(), manifest)
+    if problem is None:
+        problem = values_out_of_range(parquet.read(columns=[VALUES]).column(VALUES), manifest)
     if problem:
         raise DatasetError(f"shard {where} does not match the manifest: {problem}; run prepare_data again")
+
+
+def values_out_of_range(values: pa.ChunkedArray, manifest: Manifest) -> str | None:
+    """What is wrong with a shard's values for this manifest (missing values, tokens outside the
+    vocabulary, non-finite numbers), or None."""
+    flat = pa.concat_arrays([chunk.flatten() for chunk in values.chunks]) if values.num_chunks else pa.array([], pa.int64())
+    if values.null_count or flat.null_count:
+        return f"'{VALUES}' has {values.null_count + flat.null_count} missing value(s)"
+    numbers = flat.to_numpy(zero_copy_only=False)
+    if not len(numbers):
+        return None
+    if manifest.kind == "discrete":
+        low, high = int(numbers.min()), int(numbers.max())
+        if low < 0 or high >= (manifest.vocab_size or 0):
+            return (f"'{VALUES}' holds tokens from {low} to {high}, outside the vocabulary 0..{(manifest.vocab_size or 0) - 1} "
+                    "(manifest vocab_size)")
+        return None
+    bad = int((~np.isfinite(numbers)).sum())
+    return f"'{VALUES}' holds {bad} non-finite number(s) (NaN or infinity)" if bad else None
 
 
 def schema_mismatch(schema: pa.Schema, manifest: Manifest) -> str | None:

@@ -12,12 +12,16 @@ Memory: a worker holds one shard's rows at a time, so it does not grow with the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
 import multiprocessing
+import os
+import re
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -41,6 +45,8 @@ from biglearn.data.storage import (
 
 log = logging.getLogger("biglearn")
 RECEIPTS = "_receipts"
+REPLACED = f"{RECEIPTS}/replaced-manifest.json"  # a dataset's manifest while it is being replaced
+STAGING = re.compile(r".+\.[0-9a-f]{32}\.partial")  # storage.write_bytes' staging files
 
 
 class PrepareConfig(Config):
@@ -106,6 +112,7 @@ def write_source(
         existing = list_files(output)
     except StorageError as exc:
         raise DatasetError(str(exc)) from None
+    existing = _without_staging_leftovers(output, existing)
     if MANIFEST in existing:
         current = read_manifest(output)
         if current.plan == fingerprint:
@@ -116,8 +123,19 @@ def write_source(
                 f"{output} already holds a different dataset ({current.name!r}); choose another output, "
                 "or set overwrite=true to replace it"
             )
+    ours = _ours(output, existing)
+    foreign = sorted(set(existing) - ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DatasetError(
+            f"{output} holds files that no biglearn conversion wrote ({shown}); a dataset is written only into an "
+            "empty folder or one holding its own files: choose another output, or move those files away"
+        )
+    if MANIFEST in existing:
         # Withdraw the commit before touching shards: a replacement that dies half-way leaves an
-        # incomplete dataset (refused), never an old manifest over new shards.
+        # incomplete dataset (refused), never an old manifest over new shards. The old manifest
+        # stays among the receipts, so that its shards are still known as ours.
+        write_bytes(join(output, REPLACED), read_bytes(join(output, MANIFEST)))
         delete_file(join(output, MANIFEST))
 
     shards: dict[tuple[str, int], Shard] = {}
@@ -153,7 +171,7 @@ def write_source(
         plan=fingerprint,
     )
     write_bytes(join(output, MANIFEST), manifest.model_dump_json(indent=2).encode())
-    _tidy(output, existing, manifest)
+    _tidy(output, ours, manifest)
     log.info(f"[biglearn] dataset {name} committed at {output}: " + ", ".join(f"{s} {manifest.rows(s)} rows" for s in plan))
     return manifest
 
@@ -165,7 +183,7 @@ def _convert(source: Source, output: str, fingerprint: str, todo: list, workers:
         return
     # spawn, not fork: pyarrow's S3 client keeps threads that a forked child would inherit broken.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_adopt, initargs=(source,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_adopt, initargs=(source, os.getpid())) as pool:
         futures = {pool.submit(_write_adopted, output, fingerprint, split, index, rows): (split, index) for split, index, rows in todo}
         for future in as_completed(futures):
             yield futures[future], future.result()
@@ -174,10 +192,18 @@ def _convert(source: Source, output: str, fingerprint: str, todo: list, workers:
 _adopted: Source | None = None
 
 
-def _adopt(source: Source) -> None:
-    """Worker initializer: the source is sent once per process, not once per shard."""
+def _adopt(source: Source, parent: int) -> None:
+    """Worker initializer: the source is sent once per process, not once per shard. The worker
+    exits when its parent does, however the parent died (a killed conversion leaves no workers)."""
     global _adopted
     _adopted = source
+    threading.Thread(target=_exit_with, args=(parent,), name="biglearn-parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _write_adopted(output: str, fingerprint: str, split: str, index: int, rows: np.ndarray) -> Shard:
@@ -185,11 +211,13 @@ def _write_adopted(output: str, fingerprint: str, split: str, index: int, rows: 
 
 
 def write_shard(source: Source, output: str, fingerprint: str, split: str, index: int, rows: np.ndarray) -> Shard:
-    """Converts `rows`, writes them as one Parquet shard, then its receipt."""
+    """Converts `rows`, writes them as one Parquet shard, then its receipt. A receipt without a
+    shard goes first, so that a shard file cut off from its receipt by a kill is still known as ours."""
     buffer = io.BytesIO()
     pq.write_table(encode_table(source.rows(rows)), buffer)
     data = buffer.getvalue()
     path = _shard_name(split, index)
+    write_bytes(join(output, f"{RECEIPTS}/{path}.json"), json.dumps({"plan": fingerprint, "shard": None}).encode())
     write_bytes(join(output, path), data)
     shard = Shard(path=path, rows=len(rows), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     receipt = {"plan": fingerprint, "shard": shard.model_dump()}
@@ -212,12 +240,38 @@ def _receipt(output: str, existing: dict[str, int], path: str, fingerprint: str,
     return shard
 
 
-def _tidy(output: str, existing: dict[str, int], manifest: Manifest) -> None:
-    """Removes receipts, and shards of ours that the committed manifest does not list."""
-    listed = {shard.path for shards in manifest.splits.values() for shard in shards}
+def _ours(output: str, existing: dict[str, int]) -> set[str]:
+    """The files among `existing` that biglearn wrote: the manifest and the shards it lists,
+    receipts and the shards they name (of any conversion)."""
+    ours = set()
+    for manifest in (MANIFEST, REPLACED):
+        if manifest in existing:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                splits = json.loads(read_bytes(join(output, manifest)))["splits"].values()
+                ours |= {shard["path"] for shards in splits for shard in shards}
     for path in existing:
-        ours = path.endswith(".parquet") and "/" not in path and path.split("-")[0] in {"train", "validation"}
-        if ours and path not in listed:
+        if path.startswith(f"{RECEIPTS}/") and path.endswith(".json"):
+            ours |= {path, path[len(RECEIPTS) + 1 : -len(".json")]}
+    return (ours | {MANIFEST}) & set(existing)
+
+
+def _without_staging_leftovers(output: str, existing: dict[str, int]) -> dict[str, int]:
+    """`existing` less the staging files of local writes cut short (`<name>.<32 hex>.partial`),
+    which are deleted."""
+    kept = {}
+    for path, size in existing.items():
+        if STAGING.fullmatch(path.rsplit("/", 1)[-1]):
+            delete_file(join(output, path))
+        else:
+            kept[path] = size
+    return kept
+
+
+def _tidy(output: str, ours: set[str], manifest: Manifest) -> None:
+    """Removes receipts, and the shards among `ours` that the committed manifest does not list."""
+    listed = {shard.path for shards in manifest.splits.values() for shard in shards}
+    for path in ours - listed - {MANIFEST}:
+        if not path.startswith(f"{RECEIPTS}/"):
             delete_file(join(output, path))
     delete_dir(join(output, RECEIPTS))
 

@@ -15,11 +15,15 @@ from biglearn.roles import Schedule
 
 
 class DataConfig(Config):
-    path: str = "data/digits"
-    """Dataset folder (or object-store URI): Parquet shards + manifest.json."""
-    embedded: Literal["digits", "digits-patches"] | None = "digits"
-    """Write this embedded dataset at `path` when nothing is there yet; null to require one.
-    digits: 0..16 pixel tokens; digits-patches: continuous 2x2 patches scaled to [0, 1] (the GAN's)."""
+    path: str | None = None
+    """Dataset folder (or object-store URI) to read: Parquet shards + manifest.json, as
+    jobs/prepare_data.py writes them; never written to. null: the embedded dataset."""
+    embedded: Literal["digits", "digits-patches"] = "digits"
+    """The embedded dataset trained on when `path` is null, written once to
+    <embedded_root>/<embedded>. digits: 0..16 pixel tokens; digits-patches: continuous 2x2
+    patches scaled to [0, 1] (the GAN's)."""
+    embedded_root: str = "data"
+    """Folder the embedded datasets are written to, one subfolder each."""
     train_split: str = "train"
     validation_split: str = "validation"
     shuffle_buffer: PositiveInt = 2048
@@ -86,6 +90,9 @@ class RunConfig(Config):
     """Stable run name: running again with the same name resumes the run."""
     storage: str = "runs"
     """Folder (or shared URI) holding runs: <storage>/<name>/ gets checkpoints and the export."""
+    resume_with_changes: bool = False
+    """Resume a run although this config differs from the one it was started with (training
+    keys; the earlier config is kept beside the new one). Off: such a re-run is refused."""
 
 
 class EvalConfig(Config):
@@ -159,6 +166,12 @@ class PretrainConfig(Config):
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")
+
+    @property
+    def data_uri(self) -> str:
+        """The dataset this run reads: `data.path`, else the embedded dataset's folder."""
+        data = self.data
+        return data.path if data.path is not None else f"{data.embedded_root.rstrip('/')}/{data.embedded}"
 
     def torch_threads(self) -> int:
         return self.cluster.torch_threads or max(1, (os.cpu_count() or 1) // self.cluster.num_workers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from biglearn.train.config import PretrainConfig
 
@@ -78,3 +79,11 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     if engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict()
     return engine.module.state_dict()
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` summed over all ranks (a collective when there are several)."""
+    tensor = tensor.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor

@@ -1,20 +1,19 @@
-"""The per-worker training loop run by Ray Train's TorchTrainer.
+"""The per-worker training loop run by Ray Train's TorchTrainer, for every objective.
 
-Each worker: builds the model and its DeepSpeed engine, restores the latest checkpoint if the
-run has one, streams its Ray Data shard, samples roles on its device, and trains. Every rank
-saves and reports each checkpoint (DeepSpeed saves are collectives); rank 0 adds the loop
-state (step, data position, metrics history) and, at the end, the servable export.
+Each worker: builds its objective's engines (biglearn/train/steps.py), restores the latest
+checkpoint if the run has one, streams its Ray Data shard (biglearn/train/ingest.py), draws each
+micro-batch's tasks on its device, and trains. Every rank saves and reports each checkpoint
+(DeepSpeed saves are collectives); rank 0 adds the loop state (step, data position, metrics
+history) and, at the end, the servable export, and rewrites the run's metrics.jsonl at every
+progress line, so a stopped run keeps its history and a resumed one lists each step once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -23,19 +22,19 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from biglearn.data.manifest import Manifest, read_split
-from biglearn.data.storage import join, resolve
+from biglearn.data.manifest import Manifest
+from biglearn.data.storage import join, resolve, write_bytes
 from biglearn.export import write_export
-from biglearn.model import ModelSpec, UniversalTransformer
-from biglearn.objectives import big_learning_loss
-from biglearn.roles import FAMILIES, sample_roles, task_seed
+from biglearn.roles import sample_roles, task_seed
 from biglearn.train.config import Fault, PretrainConfig
-from biglearn.train.engine import TAG, autocast, build_engine, full_state_dict
-from biglearn.train.evaluate import checkpoint_panel
+from biglearn.train.engine import full_state_dict
+from biglearn.train.ingest import resumable_batches
 from biglearn.train.progress import Progress, log
+from biglearn.train.steps import TrainingStep, seeded_generator, training_step
 
 STATE = "train_state.json"
 EXPORT = "export"
+METRICS = "metrics.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,52 +43,40 @@ class NonFiniteLossError(RuntimeError):
 
 def train_loop_per_worker(payload: dict) -> None:
     cfg, manifest, rank, device, on_gpu = worker_setup(payload)
-    memory = retrieval_memory(cfg, manifest)
-    spec = ModelSpec(
-        model=cfg.model, length=manifest.length, vocab_size=manifest.vocab_size, grid=manifest.grid,
-        memory_rows=0 if memory is None else len(memory),
-    )
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = UniversalTransformer(spec)
-    if memory is not None:
-        model.memory.remember(memory)
-    model.checkpoint_activations = cfg.train.activation_checkpointing
-    engine = build_engine(model, cfg, on_gpu)
-    state = restored_state(cfg, rank, lambda folder: engine.load_checkpoint(str(folder), tag=TAG))
-    panel_values_BL = None
-    if rank == 0 and cfg.eval.checkpoint_panel_examples:
-        values = read_split(cfg.data.path, manifest, cfg.data.validation_split)["values"]
-        panel_values_BL = torch.from_numpy(values[: cfg.eval.checkpoint_panel_examples]).long()
-
-    micro, accum = cfg.micro_batch_size, cfg.optim.grad_accum
+    trainer = training_step(cfg, manifest, rank, device, on_gpu)
+    state = restored_state(cfg, rank, trainer.load)
+    if rank == 0:
+        write_history(cfg, state["history"])  # drops the lines of steps after the restored checkpoint
+    faults = FaultPlan(cfg, rank)
+    accum = cfg.optim.grad_accum
     progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name)
-    window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
-    micro_index = 0
-    for values_BL in resumable_batches(cfg, manifest, state, device):
+    micro = 0  # micro-step within the optimizer step; checkpoints fall between optimizer steps
+    for values in resumable_batches(cfg, manifest, state, device):
         step = state["step"] + 1
-        _inject_faults(cfg, rank, step, micro_index % accum == 0)
-        values_BL = values_BL.long()
-        generator = _generator(device, task_seed(cfg.train.seed, step * accum + micro_index % accum, rank, cfg.schedule))
-        roles_BL, family_B = sample_roles(cfg.schedule, micro, manifest.length, generator, manifest.grid)
-        with autocast(device, cfg.train.precision):
-            logits_BLV = engine(values_BL, roles_BL)
-        loss, stats_F2 = big_learning_loss(logits_BLV, values_BL, roles_BL, family_B, cfg.optim.weighting)
-        if _fault_due(cfg, rank, step, "nan_loss"):
-            loss = loss * float("nan")
-        check_finite(loss, state, step, rank)
-        engine.backward(loss)
-        engine.step()
-        window_F2 += stats_F2
-        micro_index += 1
-        if micro_index % accum:
+        if micro == 0:
+            faults.before_step(step)
+        task_generator = seeded_generator(device, task_seed(cfg.train.seed, step, rank, cfg.schedule, micro, accum))
+        roles_BL, family_B = sample_roles(cfg.schedule, len(values), manifest.length, task_generator, manifest.grid)
+
+        def guard(loss: torch.Tensor) -> torch.Tensor:
+            loss = faults.poisoned(loss, step)
+            check_finite(loss, state, step, rank)
+            return loss
+
+        trainer.micro_step(values, roles_BL, family_B, task_generator, step, micro, guard)
+        micro = (micro + 1) % accum
+        if micro:
             continue
         state["step"] = step
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            record = progress.log(step, _all_sum(window_F2), engine.get_lr()[0])
+            stats_F2, extra = trainer.take_window()
+            record = progress.log(step, stats_F2, trainer.learning_rate(), extra)
+            trainer.annotate(record, state["history"])
             state["history"].append(record)
-            window_F2.zero_()
+            if rank == 0:
+                write_history(cfg, state["history"])
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _save(engine, state, cfg, spec, manifest, rank, step == cfg.train.steps, panel_values_BL)
+            save_checkpoint(trainer, state, cfg, manifest, rank, final=step == cfg.train.steps)
 
 
 def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.device, bool]:
@@ -104,13 +91,9 @@ def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.de
     return cfg, manifest, rank, device, on_gpu
 
 
-def retrieval_memory(cfg: PretrainConfig, manifest: Manifest) -> torch.Tensor | None:
-    """The whole training split ([N, L] tokens or [N, L, P] patches) when the model retrieves
-    neighbours from it (read by every rank, so that all hold the same memory), else None."""
-    if not cfg.model.retrieval_neighbours:
-        return None
-    examples = torch.from_numpy(read_split(cfg.data.path, manifest, cfg.data.train_split)["values"])
-    return examples.float() if manifest.patch_dim else examples.long()
+def write_history(cfg: PretrainConfig, history: list[dict]) -> None:
+    """The run's metrics.jsonl, one progress record a line (written whole: readers never see half)."""
+    write_bytes(join(join(cfg.run.storage, cfg.run.name), METRICS), "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
 def restored_state(cfg: PretrainConfig, rank: int, load: Callable[[Path], None]) -> dict:
@@ -129,81 +112,6 @@ def restored_state(cfg: PretrainConfig, rank: int, load: Callable[[Path], None])
     return state
 
 
-def resumable_batches(cfg: PretrainConfig, manifest: Manifest, state: dict, device):
-    """Micro-batches of this worker's shard, epoch after epoch, from the data position in `state`
-    (which advances as they are taken) until state["step"] reaches the run's steps.
-
-    A background thread reads them a few micro-batches ahead, so the next epoch starts while this
-    one trains: starting one costs 30-90 ms (a round trip to Ray Data's split coordinator and a
-    new execution), about 2% of a step on the digits (benchmarks/train_step.py)."""
-    shard = ray.train.get_dataset_shard("train")
-    rows = fetch_rows(manifest, cfg.data.fetch_bytes)
-
-    def epochs():
-        epoch = state["epoch"]
-        while True:
-            seed = cfg.train.seed + epoch
-            for values in micro_batches(shard, cfg.micro_batch_size, rows, cfg.data.shuffle_buffer, seed, device):
-                yield epoch, values
-            epoch += 1
-
-    index = 0
-    with read_ahead(epochs(), AHEAD) as batches:
-        for epoch, values in batches:
-            if state["step"] >= cfg.train.steps:
-                return
-            if epoch != state["epoch"]:
-                state["epoch"], state["batches_in_epoch"], index = epoch, 0, 0
-            index += 1
-            if index <= state["batches_in_epoch"]:
-                continue  # resuming mid-epoch: these were consumed before the checkpoint
-            state["batches_in_epoch"] = index
-            yield values
-
-
-AHEAD = 4  # micro-batches read ahead: enough to hide an epoch's start behind the steps before it
-
-
-@contextlib.contextmanager
-def read_ahead(items: Iterator, ahead: int):
-    """`items`, drawn by a daemon thread up to `ahead` in advance; its errors re-raise here. On
-    exit the thread stops at its next hand-over."""
-    handed, stop, done = queue.Queue(maxsize=ahead), threading.Event(), object()
-
-    def hand_over(entry: tuple) -> bool:
-        """False once the consumer has left (the entry is dropped)."""
-        while not stop.is_set():
-            with contextlib.suppress(queue.Full):
-                handed.put(entry, timeout=0.1)
-                return True
-        return False
-
-    def draw() -> None:
-        try:
-            for item in items:
-                if not hand_over((item, None)):
-                    return
-            hand_over((done, None))
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            hand_over((done, error))
-
-    def drawn() -> Iterator:
-        while True:
-            item, error = handed.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-
-    thread = threading.Thread(target=draw, name="biglearn-read-ahead", daemon=True)
-    thread.start()
-    try:
-        yield drawn()
-    finally:
-        stop.set()
-
-
 def check_finite(loss: torch.Tensor, state: dict, step: int, rank: int) -> None:
     if not torch.isfinite(loss):
         last = state["last_checkpoint"]
@@ -214,40 +122,16 @@ def check_finite(loss: torch.Tensor, state: dict, step: int, rank: int) -> None:
         )
 
 
-def fetch_rows(manifest: Manifest, fetch_bytes: int) -> int:
-    return max(1, fetch_bytes // (manifest.length * (manifest.patch_dim or 1) * 4))
-
-
-def micro_batches(shard, micro: int, fetch_rows: int, shuffle_buffer: int | None, seed: int | None, device):
-    """The epoch's `values` as micro-batches of `micro` rows (a trailing partial one is dropped),
-    cut from Ray Data batches of about `fetch_rows` rows: Ray Data pays a fixed cost per batch,
-    which dominates at micro-batch sizes (benchmarks/ingest.py measures it)."""
-    fetch = max(1, fetch_rows // micro) * micro
-    for batch in shard.iter_torch_batches(
-        batch_size=fetch,
-        drop_last=False,
-        local_shuffle_buffer_size=shuffle_buffer,
-        local_shuffle_seed=seed if shuffle_buffer else None,
-        device=device,
-    ):
-        values = batch["values"]
-        for first in range(0, len(values) - micro + 1, micro):
-            yield values[first : first + micro]
-
-
-def _save(engine, state: dict, cfg: PretrainConfig, spec: ModelSpec, manifest: Manifest, rank: int, final: bool,
-          panel_values_BL: torch.Tensor | None):
-    scored = cfg.eval.checkpoint_panel_examples is not None
-    weights = full_state_dict(engine) if final or scored else None  # a collective under ZeRO-3
+def save_checkpoint(trainer: TrainingStep, state: dict, cfg: PretrainConfig, manifest: Manifest, rank: int,
+                    final: bool) -> None:
+    weights = full_state_dict(trainer.export_engine) if final or trainer.scored else None  # a collective under ZeRO-3
 
     def save(folder: Path) -> None:
-        engine.save_checkpoint(str(folder), tag=TAG)
+        trainer.save(folder)
         if rank == 0 and final:
-            write_export(folder / EXPORT, weights, spec, manifest.model_dump(mode="json"), cfg.to_json())
+            write_export(folder / EXPORT, weights, trainer.export_spec, manifest.model_dump(mode="json"), cfg.to_json())
 
-    scores = {}
-    if panel_values_BL is not None:
-        scores = checkpoint_panel(weights, spec, panel_values_BL, cfg.eval.panel_steps, cfg.train.precision)
+    scores = trainer.scores(weights) if trainer.scored and rank == 0 else {}
     report_checkpoint(state, rank, save, scores)
 
 
@@ -268,10 +152,6 @@ def report_checkpoint(state: dict, rank: int, save: Callable[[Path], None], scor
         )
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def _node_ids_by_rank() -> list[str]:
     """The Ray node id of every rank, in rank order: where this attempt of the run was placed."""
     node_id = ray.get_runtime_context().get_node_id()
@@ -282,28 +162,30 @@ def _node_ids_by_rank() -> list[str]:
     return node_ids
 
 
-def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
+class FaultPlan:
+    """Planned faults of this rank (tests and chaos drills), each fired once per run: a marker in
+    the run folder records that it fired, so the restarted run goes on."""
 
+    def __init__(self, cfg: PretrainConfig, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self.planned = {(fault.kind, fault.step): fault for fault in cfg.train.faults if fault.rank == rank}
 
-def _fault_due(cfg: PretrainConfig, rank: int, step: int, kind: str) -> bool:
-    """True once per run for a planned fault (a marker in the run folder records that it fired)."""
-    for fault in cfg.train.faults:
-        if (fault.kind, fault.rank, fault.step) == (kind, rank, step):
-            return _fire_once(cfg, fault)
-    return False
+    def before_step(self, step: int) -> None:
+        if self.planned and self._due("kill", step):
+            # Ray commits a checkpoint only once the controller has collected every rank's report;
+            # a crash just after report() can lose it. Kill after the commit, so drills are exact.
+            ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+            log.info(f"[biglearn] fault plan: killing rank {self.rank} (pid {os.getpid()}) at step {step}")
+            os.kill(os.getpid(), 9)
 
+    def poisoned(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if self.planned and self._due("nan_loss", step):
+            return loss * float("nan")
+        return loss
 
-def _inject_faults(cfg: PretrainConfig, rank: int, step: int, first_micro: bool) -> None:
-    if first_micro and _fault_due(cfg, rank, step, "kill"):
-        # Ray commits a checkpoint only once the controller has collected every rank's report;
-        # a crash just after report() can lose it. Kill after the commit, so drills are exact.
-        ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
-        log.info(f"[biglearn] fault plan: killing rank {rank} (pid {os.getpid()}) at step {step}")
-        os.kill(os.getpid(), 9)
+    def _due(self, kind: str, step: int) -> bool:
+        fault = self.planned.get((kind, step))
+        return fault is not None and _fire_once(self.cfg, fault)
 
 
 def _fire_once(cfg: PretrainConfig, fault: Fault) -> bool:

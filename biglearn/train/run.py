@@ -18,12 +18,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from biglearn.data.digits import ensure_digits
 from biglearn.data.manifest import DatasetError, Manifest, read_manifest, shard_uris, verify_shards
-from biglearn.data.storage import StorageError, absolute, check_bucket, forwarded_env, join, resolve, write_bytes
+from biglearn.data.storage import StorageError, absolute, check_bucket, forwarded_env, join, resolve
 from biglearn.train.config import ClusterConfig, PretrainConfig
 from biglearn.train.engine import cpu_bf16
 from biglearn.train.evaluate import evaluate_export
-from biglearn.train.gan_loop import gan_loop_per_worker
 from biglearn.train.loop import EXPORT, STATE, train_loop_per_worker
+from biglearn.train.ownership import RunBusyError, RunLease, check_same_config
 
 
 class PretrainError(RuntimeError):
@@ -38,9 +38,10 @@ class Outcome:
 
 
 def prepare_data(cfg: PretrainConfig) -> Manifest:
-    """Returns the verified manifest, writing the embedded dataset first if asked and absent."""
-    uri = cfg.data.path
-    if cfg.data.embedded is not None:
+    """Returns the verified manifest of the run's dataset (`cfg.data_uri`), writing the embedded
+    dataset first when data.path is null and it is not there yet."""
+    uri = absolute(cfg.data_uri)
+    if cfg.data.path is None:
         ensure_digits(uri, continuous=cfg.data.embedded == "digits-patches")
     manifest = read_manifest(uri)
     hashed = verify_shards(uri, manifest, [cfg.data.train_split, cfg.data.validation_split], cfg.data.verify_max_bytes)
@@ -62,17 +63,17 @@ def prepare_data(cfg: PretrainConfig) -> Manifest:
             f"{uri}: the data is continuous, so this run trains a BigLearn-GAN, which draws every target in one "
             "pass: eval.guidance applies only to decoding token models; leave it at 0"
         )
-    check_retrieval(cfg, manifest, rows)
+    check_retrieval(cfg, manifest, rows, uri)
     return manifest
 
 
 MEMORY_MAX_VALUES = 2**24
 
 
-def check_retrieval(cfg: PretrainConfig, manifest: Manifest, rows: int) -> None:
+def check_retrieval(cfg: PretrainConfig, manifest: Manifest, rows: int, uri: str) -> None:
     """model.retrieval_neighbours keeps the training split in the model: one small enough to
     search by brute force at every step."""
-    neighbours, uri = cfg.model.retrieval_neighbours, cfg.data.path
+    neighbours = cfg.model.retrieval_neighbours
     if neighbours and (rows <= neighbours or rows * manifest.length * (manifest.patch_dim or 1) > MEMORY_MAX_VALUES):
         raise DatasetError(
             f"{uri}: model.retrieval_neighbours ({neighbours}) keeps split {cfg.data.train_split!r} in the model, "
@@ -96,14 +97,25 @@ def connect(cluster: ClusterConfig, env: dict[str, str] | None = None) -> None:
 
 
 def pretrain(cfg: PretrainConfig, callbacks: Sequence[ray.train.UserCallback] = ()) -> Outcome:
-    """Trains (or resumes) `cfg.run.name`, then exports and evaluates it. `callbacks` see every
-    report (a sweep's trial passes Tune's, which forwards rank 0's metrics to Tune)."""
-    cfg = with_absolute_paths(cfg)
+    """Trains (or resumes) `cfg.run.name`, then exports and evaluates it, holding the run's lease
+    throughout. `callbacks` see every report (a sweep's trial passes Tune's, which forwards rank
+    0's metrics to Tune)."""
     try:
         check_bucket(cfg.run.storage)
     except StorageError as exc:
         raise PretrainError(f"run.storage: {exc}") from None
     manifest = prepare_data(cfg)
+    cfg = with_absolute_paths(cfg)
+    run_uri = join(cfg.run.storage, cfg.run.name)
+    try:
+        with RunLease(run_uri):
+            check_same_config(cfg, run_uri)
+            return _train(cfg, manifest, callbacks)
+    except (RunBusyError, StorageError) as exc:
+        raise PretrainError(str(exc)) from None
+
+
+def _train(cfg: PretrainConfig, manifest: Manifest, callbacks: Sequence[ray.train.UserCallback]) -> Outcome:
     connect(cfg.cluster)
     use_gpu = cfg.cluster.use_gpu
     if use_gpu == "auto":
@@ -111,17 +123,13 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[ray.train.UserCallback] = 
     storage = cfg.run.storage
     fs, storage_root = resolve(storage)
     run_root = join(storage_root, cfg.run.name)
-    fs.create_dir(run_root, recursive=True)
-    write_bytes(join(join(storage, cfg.run.name), "config.json"), json.dumps(cfg.to_json(), indent=2).encode())
 
     train_data = shard_dataset(cfg.data.path, manifest, cfg.data.train_split, cfg.data.block_bytes)
     if sum(shard.bytes for shard in manifest.split(cfg.data.train_split)) <= cfg.data.materialize_max_bytes:
         # Small data: read it once into the object store rather than re-reading files every epoch.
         train_data = train_data.materialize()
-    # Maximum likelihood needs tokens; continuous data (patches, numeric columns) trains a BigLearn-GAN.
-    loop = gan_loop_per_worker if manifest.kind == "continuous" else train_loop_per_worker
     trainer = TorchTrainer(
-        loop,
+        train_loop_per_worker,
         train_loop_config={"config": cfg.to_json(), "manifest": manifest.model_dump(mode="json")},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -159,7 +167,6 @@ def pretrain(cfg: PretrainConfig, callbacks: Sequence[ray.train.UserCallback] = 
         summary["train"] = {"final_step": state["step"], "resumes": state["resumes"]}
         # Ray node id of each rank, for the first start and every restart after it.
         summary["placements"] = state.get("placements", [])
-        (Path(staging) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
         (Path(staging) / "summary.json").write_text(json.dumps(summary, indent=2))
         fs.delete_dir_contents(join(run_root, EXPORT), missing_dir_ok=True)
         pafs.copy_files(staging, run_root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -203,9 +210,10 @@ def ordered_ingest_options() -> "ray.data.ExecutionOptions":
 
 
 def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
-    """`cfg` with its local data and storage paths absolute, as the driver's folder sees them."""
+    """`cfg` with its data path (the embedded dataset's folder when it had none) and storage path
+    absolute, as the driver's folder sees them."""
     return cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"path": absolute(cfg.data.path)}),
+        "data": cfg.data.model_copy(update={"path": absolute(cfg.data_uri)}),
         "run": cfg.run.model_copy(update={"storage": absolute(cfg.run.storage)}),
     })
 

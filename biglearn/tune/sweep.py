@@ -61,8 +61,8 @@ def run_trial(values: dict[str, Any], base: dict, runs_root: str, panel_examples
 
 def run_sweep(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], None] = print) -> tune.ResultGrid:
     """Runs (or resumes, when `<storage>/<name>` holds its state) the sweep; returns Tune's results."""
-    base = with_absolute_paths(base)  # trials run in folders of Tune's
     manifest = prepare_data(base)  # once here, not racing in every trial
+    base = with_absolute_paths(base)  # trials run in folders of Tune's
     if is_mixture(manifest) != (sweep.objective == "modes"):
         raise ConfigError(
             f"objective {sweep.objective!r} does not fit {manifest.name} ({manifest.kind}): 'modes' is the objective of a "

@@ -18,7 +18,8 @@ from biglearn.data.sources import digits_source
 from biglearn.export import load_export
 from biglearn.model import UniversalTransformer
 from biglearn.data.manifest import read_manifest
-from biglearn.train.loop import micro_batches, retrieval_memory
+from biglearn.train.ingest import micro_batches
+from biglearn.train.steps import retrieval_memory
 from biglearn.train.run import pretrain, shard_dataset
 from tests.integration.conftest import tiny_config
 
@@ -34,7 +35,7 @@ def digit_patches(tmp_path_factory) -> str:
 
 
 def tiny_gan(data: str, storage: Path, name: str, *extra: str):
-    return tiny_config(data, storage, name, "data.embedded=null", "gan.noise_dim=4", "gan.transform_probability=0.3",
+    return tiny_config(data, storage, name, "gan.noise_dim=4", "gan.transform_probability=0.3",
                        "cluster.num_workers=1", "train.steps=8", "model.retrieval_neighbours=3", *extra)
 
 

@@ -5,16 +5,19 @@ after a finished one; and the bad-input errors of the job's front door."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from biglearn.data.digits import ensure_digits
 from biglearn.export import load_export
-from biglearn.train.loop import micro_batches
+from biglearn.train.ingest import micro_batches
 from biglearn.data.manifest import read_manifest, read_split
+from biglearn.train.ownership import RunLease
 from biglearn.train.run import PretrainError, pretrain, shard_dataset
 from tests.integration.conftest import tiny_config as tiny
 
@@ -25,19 +28,31 @@ import pretrain as pretrain_job  # noqa: E402
 pytestmark = pytest.mark.ray
 
 
+def logged(run_folder: str, key: str) -> list:
+    return [json.loads(line)[key] for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+
+
 def logged_steps(run_folder: str) -> list[int]:
-    return [json.loads(line)["step"] for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+    return logged(run_folder, "step")
 
 
-def test_sigkilled_worker_is_restarted_from_last_checkpoint(ray_cluster, digits, tmp_path):
-    cfg = tiny(digits, tmp_path, "killed", "cluster.max_failures=1", "train.faults=[{kind: kill, step: 7, rank: 1}]",
-               "eval.guidance=1.0", "model.retrieval_neighbours=3")
+def test_sigkilled_worker_is_restarted_from_last_checkpoint_and_ends_as_an_uninterrupted_run(ray_cluster, digits, tmp_path):
+    # Two micro-steps per optimizer step, one task per global batch held for 2 steps.
+    same = ["eval.guidance=1.0", "model.retrieval_neighbours=3", "optim.grad_accum=2", "schedule.granularity=batch",
+            "schedule.inner_steps=2", "eval.panel_examples=4"]
+    straight = pretrain(tiny(digits, tmp_path, "straight", *same))
+    cfg = tiny(digits, tmp_path, "killed", *same, "cluster.max_failures=1", "train.faults=[{kind: kill, step: 7, rank: 1}]")
     outcome = pretrain(cfg)
 
     assert (tmp_path / "killed" / "faults" / "kill-rank1-step7").exists(), "the fault never fired"
     assert outcome.summary["train"] == {"final_step": 12, "resumes": [4]}
     # Steps 5-6 ran twice in wall time, but the run's history has each step exactly once.
     assert logged_steps(outcome.run_folder) == list(range(1, 13))
+    # ... and the restart saw the same weights, optimizer, tasks and data as the run without it.
+    assert logged(outcome.run_folder, "loss") == logged(straight.run_folder, "loss")
+    resumed, uninterrupted = (load_file(Path(run.export) / "model.safetensors") for run in (outcome, straight))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[name], weights) for name, weights in uninterrupted.items())
 
     export = Path(outcome.export)
     model, spec = load_export(export)
@@ -66,6 +81,8 @@ def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(ray_cluster, digits,
         pretrain(failing)
     message = str(failure.value)
     assert "non-finite loss" in message and "step 10" in message and "step 8" in message
+    # The history is written as the run goes: the failed run keeps every step it logged.
+    assert logged_steps(str(tmp_path / "nan")) == list(range(1, 10))
 
     # The same command again (same run name): resumes from step 8 instead of starting over.
     outcome = pretrain(tiny(digits, tmp_path, "nan"))
@@ -109,7 +126,8 @@ def test_shards_are_read_in_blocks_of_bounded_size(ray_cluster, digits):
     [
         (["model.widht=64"], ["unknown key 'model.widht'", "d_model", "num_layers"]),
         (["train.steps=many"], ["train.steps", "'many'"]),
-        (["data.embedded=null", "data.path=/nonexistent/digits"], ["/nonexistent/digits", "does not exist"]),
+        (["data.path=/nonexistent/digits"], ["/nonexistent/digits", "does not exist"]),
+        (["run.storage=/dev/null/runs"], ["cannot create the run folder /dev/null/runs", "run.storage"]),
     ],
 )
 def test_bad_input_is_refused_before_training(overrides, expected, capsys):
@@ -127,12 +145,58 @@ def test_bad_input_is_refused_before_training(overrides, expected, capsys):
      ("digits", "model.retrieval_neighbours=2000", "it has 1437 rows of 64 x 1: set model.retrieval_neighbours to 0")],
 )
 def test_options_the_data_cannot_take_are_refused_before_training(tmp_path, capsys, embedded, option, expected):
-    args = ["--set", f"data.path={tmp_path / 'data'}", "--set", f"data.embedded={embedded}",
+    args = ["--set", f"data.embedded_root={tmp_path / 'data'}", "--set", f"data.embedded={embedded}",
             "--set", option, "--set", f"run.storage={tmp_path / 'runs'}"]
     assert pretrain_job.main(args) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_data_path_is_read_and_never_written(tmp_path, capsys):
+    """data.path names a dataset to read: at a partial one (shards, an empty _receipts/, a foreign
+    shard) the run is refused and nothing there is touched; the embedded digits are written only
+    to their own folder, and not over files that are not theirs."""
+    partial = tmp_path / "partial"
+    ensure_digits(str(partial))
+    (partial / "manifest.json").unlink()
+    (partial / "train-00007.parquet").write_bytes(b"someone else's shard")
+    (partial / "_receipts").mkdir()
+    before = {p: p.read_bytes() for p in partial.rglob("*") if p.is_file()}
+    storage = f"run.storage={tmp_path / 'runs'}"
+    assert pretrain_job.main(["--set", f"data.path={partial}", "--set", storage]) == 2
+    err = capsys.readouterr().err
+    assert f"{partial} has no manifest.json" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in partial.rglob("*") if p.is_file()} == before and (partial / "_receipts").is_dir()
+
+    crowded = tmp_path / "embedded" / "digits"
+    crowded.mkdir(parents=True)
+    (crowded / "notes.txt").write_text("mine")
+    assert pretrain_job.main(["--set", f"data.embedded_root={crowded.parent}", "--set", storage]) == 2
+    err = capsys.readouterr().err
+    assert "holds files that no biglearn conversion wrote (notes.txt)" in err
+    assert [p.name for p in crowded.iterdir()] == ["notes.txt"] and not (tmp_path / "runs").exists()
+
+
+def test_a_run_is_owned_by_one_process_and_a_killed_owner_is_succeeded(digits, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom biglearn.train.ownership import RunLease\n"
+         f"with RunLease({str(storage / 'G')!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["--set", f"data.path={digits}", "--set", f"run.storage={storage}", "--set", "run.name=G"]
+        assert pretrain_job.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"run folder {storage / 'G'} is in use" in err and f"pid {holder.pid}" in err and "another run.name" in err
+        assert sorted(p.name for p in (storage / "G").iterdir()) == [".lease"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLease(str(storage / "G")):  # a killed holder's lease passes to its successor at once
+        pass
 
 
 def test_corrupted_shard_is_named(tmp_path, capsys):

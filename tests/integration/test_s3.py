@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_prepare_train_and_resume_all_in_s3(ray_with_s3, capsys):
     assert "manifest.json" in list_files(data) and not any(k.startswith("_receipts") for k in list_files(data))
 
     storage = "s3://runs/pretrain"
-    cfg = tiny_config(data, storage, "s3run", "data.embedded=null", "train.steps=8", "cluster.max_failures=1",
+    cfg = tiny_config(data, storage, "s3run", "train.steps=8", "cluster.max_failures=1",
                       "train.faults=[{kind: kill, step: 6, rank: 0}]")
     outcome = pretrain(cfg)
     # Rank 0 was SIGKILLed at step 6; the restarted group read its checkpoint back from S3.
@@ -112,7 +113,7 @@ def test_storage_errors_say_what_is_wrong(ray_with_s3, monkeypatch, tmp_path, ca
     assert run_prepare("source.kind=digits", "output=s3://no-such-bucket/digits") == 2
     assert "bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
 
-    args = ["--set", "data.embedded=null", "--set", f"run.storage={tmp_path}"]
+    args = ["--set", f"run.storage={tmp_path}"]
     assert pretrain_job.main([*args, "--set", "data.path=s3://errors/nothing-here"]) == 2
     assert "no dataset at s3://errors/nothing-here" in capsys.readouterr().err
 
@@ -143,3 +144,30 @@ def test_storage_errors_say_what_is_wrong(ray_with_s3, monkeypatch, tmp_path, ca
 def list_files_as(s3, bucket: str) -> list[str]:
     """Keys in `bucket`, listed with the server's good credentials whatever the environment holds."""
     return [item["Key"] for item in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def test_a_run_in_object_storage_is_leased_to_one_process_and_a_lapsed_lease_is_taken_over(s3_server, monkeypatch):
+    import biglearn.train.ownership as ownership
+    from biglearn.train.ownership import RunBusyError, RunLease
+
+    monkeypatch.setattr(ownership, "READ_BACK_PAUSE_S", 0.1)
+    run = f"s3://{s3_server.create_bucket('leases')}/runs/G"
+    lease_key = "runs/G/_lease.json"
+    with RunLease(run, ttl_s=0.4) as first:
+        holder = json.loads(read_bytes(f"{run}/_lease.json"))
+        assert holder["pid"] == os.getpid() and holder["token"] == first.holder["token"]
+        time.sleep(0.5)  # renewed every ttl/4: still fresh
+        with pytest.raises(RunBusyError, match=rf"run folder {run} is in use .*pid {os.getpid()}"):
+            with RunLease(run, ttl_s=0.4):
+                pass
+    assert lease_key not in {o["Key"] for o in s3_server.client().list_objects_v2(Bucket="leases").get("Contents", [])}
+
+    # A holder on another machine that stopped renewing: its lease lapses after the TTL.
+    lapsed = {"host": "elsewhere", "pid": 1, "started": "2026-01-01T00:00:00+00:00", "token": "t", "renewed": time.time()}
+    s3_server.client().put_object(Bucket="leases", Key=lease_key, Body=json.dumps(lapsed).encode())
+    with pytest.raises(RunBusyError, match="host elsewhere, pid 1"):
+        with RunLease(run, ttl_s=30):
+            pass
+    s3_server.client().put_object(Bucket="leases", Key=lease_key, Body=json.dumps({**lapsed, "renewed": 0}).encode())
+    with RunLease(run, ttl_s=30) as successor:
+        assert json.loads(read_bytes(f"{run}/_lease.json"))["token"] == successor.holder["token"]

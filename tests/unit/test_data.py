@@ -192,3 +192,68 @@ def test_ensure_digits_writes_once(tmp_path):
     again = ensure_digits(root)
     assert again == manifest
     assert {p.name: os.stat(p).st_mtime_ns for p in root.iterdir()} == stamps  # nothing rewritten
+
+
+def test_a_folder_holding_files_of_others_is_never_written_into(tmp_path):
+    root = tmp_path / "toy"
+    root.mkdir()
+    (root / "train-00007.parquet").write_bytes(b"someone else's shard")
+    (root / "_receipts").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(DatasetError, match=r"holds files that no biglearn conversion wrote \(train-00007.parquet\)"):
+            write_toy(root, overwrite=overwrite)
+    assert sorted(p.name for p in root.rglob("*")) == ["_receipts", "train-00007.parquet"]
+
+
+def test_leftovers_of_a_killed_conversion_are_ours_and_cleaned(tmp_path):
+    """A staging file of a write cut short, and a shard whose receipt says it was being written,
+    are the conversion's own: the re-run removes or rewrites them and completes the dataset."""
+    root = tmp_path / "toy"
+    manifest = write_toy(tmp_path / "uninterrupted")
+    write_toy(root)
+    (root / "manifest.json").unlink()  # killed before the commit, while train-00001 was being written:
+    (root / "_receipts").mkdir()
+    for split in ("train", "validation"):
+        for shard in manifest.split(split):
+            receipt = {"plan": manifest.plan, "shard": None if shard.path == "train-00001.parquet" else shard.model_dump()}
+            (root / "_receipts" / f"{shard.path}.json").write_text(json.dumps(receipt))
+    (root / "train-00001.parquet").write_bytes(b"half a shard")
+    (root / f"validation-00000.parquet.{'ab' * 16}.partial").write_bytes(b"half a write")
+    assert write_toy(root) == manifest
+    assert not list(root.glob("*.partial")) and not (root / "_receipts").exists()
+    verify_shards(str(root), manifest, ["train", "validation"])
+
+
+@pytest.mark.parametrize("kind", ["discrete", "continuous"])
+def test_values_the_manifest_cannot_hold_are_named_before_training(tmp_path, kind):
+    root = tmp_path / "toy"
+    if kind == "discrete":
+        write_toy(root)  # tokens 0..8
+        text = json.loads((root / "manifest.json").read_text())
+        text["vocab_size"] = 5
+        (root / "manifest.json").write_text(json.dumps(text))
+        expected = r"train-00000.parquet does not match the manifest: 'values' holds tokens from 0 to 8, outside the vocabulary 0..4"
+    else:
+        values = np.random.default_rng(0).random((29, 3, 2)).astype(np.float32)
+        values[4, 1, 0] = np.nan
+        source = ArraySource("toy", {"values": values}, kind="continuous", patch_dim=2, vocab_size=None, geometry=None)
+        write_toy(root, source=source, validation_fraction=0.0, rows_per_shard=100)
+        expected = r"train-00000.parquet does not match the manifest: 'values' holds 1 non-finite number"
+    with pytest.raises(DatasetError, match=expected):
+        verify_shards(str(root), read_manifest(str(root)), ["train"])
+
+
+def test_messages_say_what_is_wrong_and_what_to_do(tmp_path):
+    root = tmp_path / "toy"
+    manifest = write_toy(root)
+    _damage(root / manifest.split("train")[0].path, "flipped")
+    with pytest.raises(DatasetError, match="its size is right but its content differs"):
+        verify_shards(str(root), manifest, ["train"])
+    text = json.loads((root / "manifest.json").read_text())
+    text["splits"]["validation"][0]["rows"] += 1
+    (root / "manifest.json").write_text(json.dumps(text))
+    with pytest.raises(DatasetError, match=r"holds 5 rows, the manifest says 6: the manifest does not describe"):
+        verify_shards(str(root), read_manifest(str(root)), ["validation"])
+    (root / "manifest.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="not a valid manifest .*restore it, or convert the data again"):
+        read_manifest(str(root))

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from biglearn.train.loop import read_ahead
+from biglearn.train.ingest import read_ahead
 
 
 def test_items_arrive_in_order_and_errors_reach_the_consumer():

@@ -230,13 +230,26 @@ def test_task_seed_per_example_differs_across_steps_and_ranks():
 
 def test_task_seed_per_batch_is_shared_across_ranks_and_held_for_inner_steps():
     schedule = Schedule(granularity="batch", inner_steps=4)
-    for step in range(12):
+    for step in range(1, 13):
         seeds = {task_seed(1, step, rank, schedule) for rank in range(8)}
         assert len(seeds) == 1, step
-    held = [task_seed(1, step, 0, schedule) for step in range(12)]
+    held = [task_seed(1, step, 0, schedule) for step in range(1, 13)]
     assert held[0:4] == [held[0]] * 4 and held[4:8] == [held[4]] * 4 and held[8:12] == [held[8]] * 4
     assert len({held[0], held[4], held[8]}) == 3
     # the shared seed really gives every rank the same task
     a = sample_roles(schedule, 8, L, gen(task_seed(1, 5, 0, schedule)), GRID)[0]
     b = sample_roles(schedule, 8, L, gen(task_seed(1, 6, 7, schedule)), GRID)[0]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("accum", [1, 2, 3])
+def test_gradient_accumulation_keeps_one_task_per_global_batch(accum):
+    """inner_steps counts optimizer steps: every micro-step of a step (and of the steps the task is
+    held for) gets the same task; per example, every micro-step gets its own."""
+    batch = Schedule(granularity="batch", inner_steps=4)
+    seeds = [[task_seed(1, step, 0, batch, micro, accum) for micro in range(accum)] for step in range(1, 9)]
+    assert seeds[:4] == [[seeds[0][0]] * accum] * 4 and seeds[4:] == [[seeds[4][0]] * accum] * 4
+    assert seeds[0][0] != seeds[4][0]
+    per_example = Schedule()
+    micro_seeds = [task_seed(1, step, 0, per_example, micro, accum) for step in range(1, 9) for micro in range(accum)]
+    assert len(set(micro_seeds)) == 8 * accum

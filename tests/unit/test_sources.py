@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from PIL import Image
 from biglearn.data.manifest import DatasetError, read_split
 from biglearn.data.prepare import PrepareConfig, prepare_dataset
 from biglearn.data.sources import GmmInput, GmmSource, ImageFolderInput, gmm_modes, open_source
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
@@ -198,3 +202,23 @@ def test_sources_refuse_missing_inputs(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         with open_source(ImageFolderInput(kind="images", folder=str(tmp_path / "nope"))):
             pass
+
+
+def test_a_killed_parallel_conversion_leaves_no_processes_and_a_rerun_completes_it(tmp_path):
+    import psutil
+
+    output = tmp_path / "digits"
+    job = [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--set", "source.kind=digits",
+           "--set", f"output={output}", "--set", "workers=2", "--set", "rows_per_shard=20"]
+    parent = subprocess.Popen(job, stdout=subprocess.PIPE, text=True)
+    while "rows/s" not in (line := parent.stdout.readline()):  # a shard written
+        assert line, "the conversion ended before writing a shard"
+    children = psutil.Process(parent.pid).children(recursive=True)
+    assert len(children) >= 2  # the pool's workers (and multiprocessing's resource tracker)
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    assert not (output / "manifest.json").exists()
+    assert subprocess.run(job, capture_output=True).returncode == 0
+    assert (output / "manifest.json").exists() and not (output / "_receipts").exists()

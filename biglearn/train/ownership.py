@@ -1,0 +1,212 @@
+"""A run owns its folder while it runs, and its config is the one it was started with.
+
+Two processes training under one run name would overwrite each other's checkpoints and delete
+them while pruning, so the driver holds a lease on `<storage>/<name>/` from its first write to
+its last:
+- on a local (or mounted) path, an exclusive `flock` on `<name>/.lease`: the kernel releases it
+  when the holder exits, however it exits, so the successor of a killed run takes over at once;
+- in object storage, `<name>/_lease.json`, renewed by a thread every LEASE_TTL_S / 4 seconds:
+  another process takes it over once it is LEASE_TTL_S old (or at once when its holder is a
+  dead process on the same host). Object stores have no atomic create-if-absent here, so the
+  writer reads the lease back after a pause and the later of two writers wins.
+Either way the file names the holder (host, pid, start time), and a refused run quotes it.
+
+A re-run under an existing name resumes the run, so it must train what the run trains: a config
+that differs in anything but operational keys is refused, naming the differences, unless the
+user asks to resume with changes (the earlier config is then kept beside the new one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+
+from biglearn.data.storage import StorageError, delete_file, exists, is_s3, join, read_bytes, write_bytes
+from biglearn.train.config import PretrainConfig
+
+LEASE_TTL_S = 60.0
+READ_BACK_PAUSE_S = 2.0
+CONFIG = "config.json"
+# Keys a resumed run may change freely: they decide how it is run, watched or scored, not what it learns.
+OPERATIONAL = ("eval", "train.faults", "train.log_every", "train.keep_checkpoints", "cluster.address",
+               "cluster.max_failures", "cluster.torch_threads", "cluster.use_gpu", "data.verify_max_bytes",
+               "run.resume_with_changes")
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run; the message names it and says what to do."""
+
+
+class RunLease:
+    """Held while the driver trains, exports and evaluates a run (a context manager)."""
+
+    def __init__(self, run_uri: str, ttl_s: float = LEASE_TTL_S):
+        self.run_uri, self.ttl_s = run_uri, ttl_s
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+        self._file = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __enter__(self) -> "RunLease":
+        create_run_folder(self.run_uri)
+        if is_s3(self.run_uri):
+            self._acquire_object()
+        else:
+            self._acquire_local()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self._file is not None:
+            self._file.close()  # releases the flock; the file stays, naming the last holder
+        elif self._read_object().get("token") == self.holder["token"]:
+            delete_file(self._object_uri)
+
+    # Local paths: flock.
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        path = os.path.join(self.run_uri, ".lease")
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = _parsed(handle.read())
+            handle.close()
+            raise RunBusyError(self._busy_message(holder)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(self._shown(self.holder)))
+        handle.flush()
+        self._file = handle
+
+    # Object storage: a renewed lease.
+    @property
+    def _object_uri(self) -> str:
+        return join(self.run_uri, "_lease.json")
+
+    def _read_object(self) -> dict:
+        return _parsed(read_bytes(self._object_uri).decode()) if exists(self._object_uri) else {}
+
+    def _acquire_object(self) -> None:
+        current = self._read_object()
+        if current.get("token") and not self._expired(current):
+            raise RunBusyError(self._busy_message(current))
+        self._write_object()
+        time.sleep(READ_BACK_PAUSE_S)
+        current = self._read_object()
+        if current.get("token") != self.holder["token"]:
+            raise RunBusyError(self._busy_message(current))
+        self._renewer = threading.Thread(target=self._renew, name="biglearn-run-lease", daemon=True)
+        self._renewer.start()
+
+    def _write_object(self) -> None:
+        write_bytes(self._object_uri, json.dumps({**self.holder, "renewed": time.time()}).encode())
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            self._write_object()
+
+    def _expired(self, holder: dict) -> bool:
+        if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid", -1)):
+            return True
+        return time.time() - holder.get("renewed", 0) > self.ttl_s
+
+    def _busy_message(self, holder: dict) -> str:
+        who = ", ".join(f"{key} {value}" for key, value in self._shown(holder).items()) or "another process"
+        stale = "" if not is_s3(self.run_uri) else (
+            f" If that process is gone, its lease lapses {self.ttl_s:.0f} s after its last renewal; run again then.")
+        return (f"run folder {self.run_uri} is in use by a run still going ({who}): two runs under one name would "
+                f"overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another run.name.{stale}")
+
+    @staticmethod
+    def _shown(holder: dict) -> dict:
+        return {key: holder[key] for key in ("host", "pid", "started") if key in holder}
+
+
+def create_run_folder(run_uri: str) -> None:
+    """Makes `run_uri` (local) or checks that it can be written (object storage is checked with
+    its bucket); a path that cannot be a folder is a StorageError saying why."""
+    if is_s3(run_uri):
+        return
+    try:
+        os.makedirs(run_uri, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the run folder {run_uri} ({exc.strerror}): set run.storage to a folder "
+                           "you can write to") from None
+    if not os.access(run_uri, os.W_OK):
+        raise StorageError(f"cannot write to the run folder {run_uri}: set run.storage to a folder you can write to")
+
+
+def check_same_config(cfg: PretrainConfig, run_uri: str) -> None:
+    """Writes `cfg` as the run's config.json, after checking that a run already started under this
+    name trained with the same (see OPERATIONAL); with run.resume_with_changes the earlier
+    config is kept as config.<UTC time>.json."""
+    saved_uri = join(run_uri, CONFIG)
+    new = cfg.to_json()
+    if exists(saved_uri):
+        saved_text = read_bytes(saved_uri)
+        changes = config_changes(_parsed(saved_text.decode()), new)
+        if changes and not cfg.run.resume_with_changes:
+            listed = "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+            raise RunBusyError(
+                f"run {cfg.run.name} at {run_uri} was started with another config ({listed}). Running again under "
+                "the same name resumes it: choose another run.name for a new run, or add "
+                "--set run.resume_with_changes=true to resume this one with the changes"
+            )
+        if changes:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            write_bytes(join(run_uri, f"config.{stamp}.json"), saved_text)
+    write_bytes(saved_uri, json.dumps(new, indent=2).encode())
+
+
+def config_changes(saved: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every key that differs, operational keys left out. A key the saved
+    config lacks (written before the key existed) counts as its default."""
+    flat_saved, flat_new = {**_flat(PretrainConfig().to_json()), **_flat(saved)}, _flat(new)
+    changes = []
+    for key in sorted(flat_saved.keys() | flat_new.keys()):
+        if any(key == skip or key.startswith(skip + ".") for skip in OPERATIONAL):
+            continue
+        if flat_saved.get(key, "(absent)") != flat_new.get(key, "(absent)"):
+            changes.append(f"{key}: {flat_saved.get(key, '(absent)')} -> {flat_new.get(key, '(absent)')}")
+    return changes
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _parsed(text: str) -> dict:
+    try:
+        parsed = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
