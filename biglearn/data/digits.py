@@ -10,12 +10,13 @@ classifier takes real-valued pixels, and rounding would only add quantisation no
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from biglearn import distribution as dist
-from biglearn.data.manifest import Manifest, read_manifest, read_split
+from biglearn.data.manifest import DatasetError, Manifest, read_manifest, read_split
 from biglearn.data.prepare import write_source
 from biglearn.data.sources import digits_source, from_patches
 
@@ -27,6 +28,10 @@ VALIDATION_FRACTION = 0.2  # 360 of the 1,797 digits
 def ensure_digits(uri: str | Path, continuous: bool = False) -> Manifest:
     """Returns the digits dataset at `uri`, writing it first if it is not there (as continuous
     2x2 patches when `continuous`). A folder holding anything else is refused (DatasetError)."""
+    with contextlib.suppress(DatasetError):
+        manifest = read_manifest(str(uri))
+        if manifest.name == NAME and manifest.kind == ("continuous" if continuous else "discrete"):
+            return manifest  # without loading the source to fingerprint it (half a second)
     return write_source(
         digits_source("patches" if continuous else "tokens"), str(uri), name=NAME,
         validation_fraction=VALIDATION_FRACTION, seed=SPLIT_SEED, rows_per_shard=500,

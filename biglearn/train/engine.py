@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -65,7 +68,26 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool, lr: float | None = None)
     }
 
 
+def use_environment_extension_cache() -> str:
+    """Where DeepSpeed compiles and finds its CPU ops: TORCH_EXTENSIONS_DIR if set, else a folder
+    of this Python environment (set here, so every process of a run uses it, however launched).
+
+    torch's default is one folder per user, shared by every environment: two checkouts (or a
+    run and `make setup`) with different environments then rebuild the op over each other's
+    build (a minute or more each, holding a lock)."""
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def build_deepspeed_ops() -> None:
+    """Compiles DeepSpeed's CPU communication op now (`make setup`), not in the first run."""
+    use_environment_extension_cache()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def build_engine(model: torch.nn.Module, cfg: PretrainConfig, on_gpu: bool, lr: float | None = None):
+    use_environment_extension_cache()
     import deepspeed
 
     engine, *_ = deepspeed.initialize(

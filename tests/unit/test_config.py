@@ -118,3 +118,18 @@ def test_a_critic_that_retrieves_is_refused():
         load_config(PretrainConfig, None, ["gan.critic={retrieval_neighbours: 3}"])
     assert "a critic retrieves nothing" in str(info.value)
     assert load_config(PretrainConfig, None, ["model.retrieval_neighbours=3"]).model.retrieval_neighbours == 3
+
+
+def test_deepspeed_ops_are_built_and_found_in_this_environment(monkeypatch):
+    """However a run is launched, DeepSpeed's op cache is the environment's own (make setup builds
+    into it), unless TORCH_EXTENSIONS_DIR says otherwise."""
+    import os
+    import sys
+
+    from biglearn.train.engine import use_environment_extension_cache
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert use_environment_extension_cache() == os.path.join(sys.prefix, "torch_extensions")
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    assert use_environment_extension_cache() == "/elsewhere"
