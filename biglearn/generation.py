@@ -169,7 +169,7 @@ def decoding_nll(
         logp_BL = logp_BLV.gather(2, values_BL.clamp(0, logp_BLV.shape[-1] - 1)[..., None])[..., 0]
         rank_BL = torch.where(remaining_BL, noise_BL, -1.0).argsort(1, descending=True).argsort(1)
         commit_BL = remaining_BL & (rank_BL < commit_counts(count_B, steps - step)[:, None])
-        nll_B -= (logp_BL * commit_BL).sum(1)
+        nll_B -= torch.where(commit_BL, logp_BL, 0.0).sum(1)  # a row with nothing to attend to gives NaN elsewhere
         roles_BL = torch.where(commit_BL, torch.full_like(roles_BL, SOURCE), roles_BL)
         remaining_BL &= ~commit_BL
     return nll_B

@@ -48,6 +48,11 @@ MIX_A = 6364136223846793005
 MIX_B = 1442695040888963407
 
 
+# A finite stand-in for -inf outside a position's tokens: guidance's (1 + w) a - w b of two such
+# logits stays finite, where -inf would give NaN; exp(-1e4) is 0 in every float type.
+OUTSIDE_LOGIT = -1e4
+
+
 class ModelConfig(Config):
     d_model: PositiveInt = 128
     num_layers: PositiveInt = 4
@@ -95,6 +100,9 @@ class ModelSpec(Config):
     """A discriminator: one real-vs-fake score per example instead of values per position."""
     memory_rows: NonNegativeInt = 0
     """Examples in the retrieval memory (the training split) when model.retrieval_neighbours > 0."""
+    position_vocab: list[tuple[int, int]] | None = None
+    """Tokens [start, end) each position may emit (a table's columns: each its own values); the
+    logits outside are pushed to OUTSIDE_LOGIT. null: every position the whole vocabulary."""
     carries_training_data: bool = False
     """Whether the weights hold training examples (the retrieval memory, `memory_rows` of them):
     whoever gets the export or its weights gets those examples. Derived from `memory_rows`."""
@@ -126,6 +134,11 @@ class ModelSpec(Config):
             )
         if self.grid is not None and self.grid[0] * self.grid[1] != self.length:
             raise ValueError(f"grid {self.grid} does not hold length {self.length} positions")
+        if self.position_vocab is not None:
+            if self.vocab_size is None or len(self.position_vocab) != self.length:
+                raise ValueError("position_vocab needs tokens (vocab_size) and one [start, end) per position")
+            if any(not 0 <= start < end <= self.vocab_size for start, end in self.position_vocab):
+                raise ValueError(f"position_vocab ranges must lie within the vocabulary 0..{self.vocab_size - 1}")
         return self
 
     @property
@@ -202,6 +215,11 @@ class UniversalTransformer(nn.Module):
             self.summary = nn.Sequential(
                 nn.Linear(features, cfg.summary_width), nn.GELU(), nn.Linear(cfg.summary_width, d)
             )
+        outside_LV = None
+        if spec.position_vocab is not None:
+            tokens_V, ranges_L2 = torch.arange(spec.vocab_size), torch.tensor(spec.position_vocab)
+            outside_LV = (tokens_V[None, :] < ranges_L2[:, :1]) | (tokens_V[None, :] >= ranges_L2[:, 1:])
+        self.register_buffer("outside_LV", outside_LV, persistent=False)
         self.memory = None
         if cfg.retrieval_neighbours:
             self.memory = NeighbourMemory(spec, cfg.retrieval_neighbours)
@@ -288,7 +306,10 @@ class UniversalTransformer(nn.Module):
         if keep_BK is not None:
             # Padding slots of keep_BK point at absent positions, whose outputs mean nothing anyway.
             x = torch.zeros_like(x_BLD).scatter(1, keep_BK[..., None].expand(-1, -1, x.shape[-1]), x)
-        return self.head(self.norm(x))
+        out = self.head(self.norm(x))
+        if self.outside_LV is not None:
+            out = out.masked_fill(self.outside_LV, OUTSIDE_LOGIT)
+        return out
 
 
 class NeighbourMemory(nn.Module):

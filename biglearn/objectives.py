@@ -35,7 +35,9 @@ def big_learning_loss(
             (detached; summed across ranks and steps for reporting).
     """
     is_target_BL = roles_BL == TARGET
-    nll_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), values_BL.long(), reduction="none")
+    # Clamped: non-target positions may hold placeholders outside the vocabulary (a table's MISSING).
+    safe_BL = values_BL.long().clamp(0, logits_BLV.shape[-1] - 1)
+    nll_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), safe_BL, reduction="none")
     nll_BL = nll_BL * is_target_BL
     n_target_B = is_target_BL.sum(1)
     example_nll_B = nll_BL.sum(1) / n_target_B

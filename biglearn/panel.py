@@ -74,14 +74,15 @@ def evaluate_panel(
     for name, make_roles in panel_tasks(L, grid).items():
         roles_generator = torch.Generator().manual_seed(PANEL_SEED)
         order_generator = torch.Generator(device=device).manual_seed(PANEL_SEED + 1)
-        roles_NL = make_roles(N, roles_generator)
+        # A table's missing cells (negative values) are in no task.
+        roles_NL = torch.where(values_BL >= 0, make_roles(N, roles_generator), ABSENT).to(torch.int8)
         total_nll, total_targets = 0.0, 0
         for start in range(0, N, batch_size):
             values = values_BL[start : start + batch_size].to(device)
             roles = roles_NL[start : start + batch_size].to(device)
             total_nll += float(decoding_nll(model, values, roles, order_generator, steps).sum())
             total_targets += int((roles == TARGET).sum())
-        scores[name] = total_nll / total_targets
+        scores[name] = total_nll / max(total_targets, 1)
     model.train(was_training)
     return scores
 

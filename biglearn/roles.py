@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from biglearn.config import Config
@@ -129,6 +130,17 @@ def sample_roles(
     if draws == 1:
         roles_BL, family_B = roles_BL.expand(batch, length).contiguous(), family_B.expand(batch).contiguous()
     return roles_BL, family_B
+
+
+def without_missing(roles_BL: torch.Tensor, observed_BL: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`roles_BL` with every unobserved position (a table's missing cell) ABSENT: never a source,
+    never a target. A row left without a target gets one at an observed position drawn
+    uniformly (rows with nothing observed keep none)."""
+    roles_BL = torch.where(observed_BL, roles_BL, torch.full_like(roles_BL, ABSENT))
+    orphan_B = ~(roles_BL == TARGET).any(1) & observed_BL.any(1)
+    pick_B = torch.where(observed_BL, torch.rand(roles_BL.shape, generator=generator, device=roles_BL.device), -1.0).argmax(1)
+    chosen_BL = F.one_hot(pick_B, roles_BL.shape[1]).bool() & orphan_B[:, None]
+    return torch.where(chosen_BL, torch.full_like(roles_BL, TARGET), roles_BL)
 
 
 def _beta_fractions(schedule: Schedule, family_B: torch.Tensor, generator: torch.Generator):

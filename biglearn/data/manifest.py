@@ -27,6 +27,7 @@ from biglearn.data.storage import StorageError, join, list_files, read_bytes, re
 
 MANIFEST = "manifest.json"
 VALUES = "values"
+MISSING = -1  # a table's missing cell
 
 
 class DatasetError(ValueError):
@@ -51,6 +52,39 @@ class Shard(Config):
     sha256: str
 
 
+class TableColumn(Config):
+    """One column of a table (biglearn/data/table.py encodes and decodes its values)."""
+
+    name: str
+    type: Literal["numeric", "categorical", "boolean"]
+    offset: NonNegativeInt
+    """The column's first token in the shared vocabulary."""
+    edges: list[float] | None = None
+    """numeric: bin edges (len = bins + 1); equal neighbours make a zero-width bin (a point mass)."""
+    integer: bool = False
+    """numeric: every training value was a whole number, so decoded values are rounded."""
+    categories: list[str] | None = None
+    """categorical/boolean: the values, in token order."""
+
+    @property
+    def size(self) -> int:
+        return len(self.edges) - 1 if self.type == "numeric" else len(self.categories)
+
+
+class TableSchema(Config):
+    columns: list[TableColumn]
+
+    @property
+    def vocab_size(self) -> int:
+        last = self.columns[-1]
+        return last.offset + last.size
+
+    @property
+    def position_vocab(self) -> list[tuple[int, int]]:
+        """[start, end) of the tokens each position (column) may hold."""
+        return [(column.offset, column.offset + column.size) for column in self.columns]
+
+
 class Manifest(Config):
     name: str
     kind: Literal["discrete", "continuous"]
@@ -62,6 +96,9 @@ class Manifest(Config):
     splits: dict[str, list[Shard]]
     plan: str | None = None
     """Fingerprint of the conversion that wrote the dataset: its input, options and split."""
+    table: TableSchema | None = None
+    """A table's columns (one position each): types, bin edges, categories, token ranges.
+    Its `values` hold MISSING (-1) where a cell is missing."""
 
     @property
     def grid(self) -> tuple[int, int] | None:
@@ -189,6 +226,15 @@ def values_out_of_range(values: pa.ChunkedArray, manifest: Manifest) -> str | No
         return f"'{VALUES}' has {values.null_count + flat.null_count} missing value(s)"
     numbers = flat.to_numpy(zero_copy_only=False)
     if not len(numbers):
+        return None
+    if manifest.table is not None:
+        tokens_NL = numbers.reshape(-1, manifest.length)
+        for position, (column, (start, end)) in enumerate(zip(manifest.table.columns, manifest.table.position_vocab)):
+            tokens = tokens_NL[:, position]
+            bad = (tokens != MISSING) & ((tokens < start) | (tokens >= end))
+            if bad.any():
+                return (f"column {column.name!r} holds token {int(tokens[bad][0])} (row {int(np.flatnonzero(bad)[0])}), "
+                        f"outside its range {start}..{end - 1}")
         return None
     if manifest.kind == "discrete":
         low, high = int(numbers.min()), int(numbers.max())

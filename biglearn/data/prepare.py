@@ -107,6 +107,7 @@ def write_source(
     plan = split_plan(len(source), validation_fraction, seed, rows_per_shard)
     if "train" not in plan:
         raise DatasetError(f"{name}: {len(source)} rows leave nothing for training; lower validation_fraction")
+    source.fit(np.concatenate(plan["train"]))
     fingerprint = _fingerprint(source, validation_fraction, seed, rows_per_shard)
     try:
         existing = list_files(output)
@@ -169,6 +170,7 @@ def write_source(
         columns=list(source.rows(plan["train"][0][:1])),
         splits={split: [shards[split, i] for i in range(len(parts))] for split, parts in plan.items()},
         plan=fingerprint,
+        table=source.table,
     )
     write_bytes(join(output, MANIFEST), manifest.model_dump_json(indent=2).encode())
     _tidy(output, ours, manifest)

@@ -18,6 +18,7 @@ import abc
 import codecs
 import contextlib
 import csv
+import glob
 import gzip
 import hashlib
 import shutil
@@ -29,7 +30,8 @@ import numpy as np
 from pydantic import Field, PositiveInt
 
 from biglearn.config import Config
-from biglearn.data.manifest import DatasetError, Geometry
+from biglearn.data.manifest import DatasetError, Geometry, TableSchema
+from biglearn.data.table import encode, fit_schema
 from biglearn.simulate.modes import paper_modes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -93,7 +95,23 @@ class GmmInput(Config):
     seed: int = 0
 
 
-SourceInput = Annotated[Union[IdxInput, ImageFolderInput, TextInput, DigitsInput, GmmInput], Field(discriminator="kind")]
+class TableInput(Config):
+    kind: Literal["table"]
+    files: str
+    """A CSV, TSV or Parquet file, a folder of them, or a glob (e.g. data/part-*.csv); local or
+    s3:// (a file or a prefix). All must have the same columns."""
+    columns: list[str] | None = None
+    """The columns to keep, in this order (default: all)."""
+    categorical: list[str] = []
+    """Columns that hold numbers but are categories (codes, ids); text columns are categorical anyway."""
+    missing: list[str] = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
+    """Cell texts that mean a missing value."""
+    bins: int = Field(32, ge=2, le=4096)
+    """Quantile bins per numeric column (fitted on the training split only)."""
+
+
+SourceInput = Annotated[Union[IdxInput, ImageFolderInput, TextInput, DigitsInput, GmmInput, TableInput],
+                        Field(discriminator="kind")]
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -118,6 +136,12 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def identity(self) -> dict:
         """What determines the rows: options and input files (names and sizes)."""
+
+    def fit(self, train_rows: np.ndarray) -> None:
+        """Learns what encoding needs from the training split's rows (a table's bins); before `rows`."""
+
+    table: TableSchema | None = None
+    """A table's columns, once fitted."""
 
 
 class ArraySource(Source):
@@ -404,6 +428,123 @@ class TextSource(Source):
         return {"config": self.cfg.model_dump(), "files": _file_ids([Path(p) for p in self.paths])}
 
 
+class TableSource(Source):
+    """A table: one position per column (biglearn/data/table.py). It is read whole into memory."""
+
+    def __init__(self, cfg: TableInput):
+        import pyarrow as pa
+
+        self.cfg, self.files = cfg, table_files(cfg.files)
+        parts = [_read_table(uri, cfg.missing) for uri in self.files]
+        names = parts[0].column_names
+        for uri, part in zip(self.files[1:], parts[1:]):
+            if part.column_names != names:
+                raise DatasetError(f"{uri} has columns {part.column_names}, {self.files[0]} has {names}: "
+                                   "a table's files must share their columns")
+        table = pa.concat_tables(parts, promote_options="permissive")
+        chosen = cfg.columns or names
+        unknown = [name for name in [*chosen, *cfg.categorical] if name not in names]
+        if unknown:
+            raise DatasetError(f"column(s) {unknown} not in {cfg.files}; it has {names}")
+        if not table.num_rows:
+            raise DatasetError(f"{cfg.files} holds no rows")
+        self.kinds, self.values = {}, {}
+        for name in chosen:
+            column = table.column(name)
+            if pa.types.is_boolean(column.type):
+                kind = "boolean"
+            elif (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)) and name not in cfg.categorical:
+                kind = "numeric"
+            else:
+                kind = "categorical"
+            self.kinds[name] = kind
+            if kind == "numeric":
+                self.values[name] = column.cast(pa.float64()).to_numpy()
+            else:
+                cells = column.to_pylist()
+                missing = set(cfg.missing)
+                self.values[name] = np.array([None if isinstance(v, str) and v.strip() in missing else v for v in cells],
+                                             dtype=object)
+        # A row with no value carries nothing to learn or to condition on.
+        observed = np.zeros(table.num_rows, dtype=bool)
+        for name, values in self.values.items():
+            observed |= ~np.isnan(values) if self.kinds[name] == "numeric" else np.array([v is not None for v in values])
+        if not observed.all():
+            self.values = {name: values[observed] for name, values in self.values.items()}
+        self.empty_rows = int((~observed).sum())
+        self.name = Path(cfg.files.rstrip("/").rsplit("/", 1)[-1]).stem.replace("*", "") or "table"
+        self.length = len(chosen)
+        self.table = None
+
+    def fit(self, train_rows: np.ndarray) -> None:
+        self.table = fit_schema(self.values, self.kinds, train_rows, self.cfg.bins)
+        self.vocab_size = self.table.vocab_size
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values.values())))
+
+    def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        return {"values": encode(self.table, {name: values[indices_N] for name, values in self.values.items()})}
+
+    def identity(self) -> dict:
+        from biglearn.data.storage import list_files
+
+        sizes = []
+        for uri in self.files:
+            folder, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+            sizes.append((name, list_files(folder).get(name)))
+        return {"config": self.cfg.model_dump(), "files": sizes}
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+
+
+def table_files(spec: str) -> list[str]:
+    """The files `spec` names: a file, a folder (its .csv/.tsv/.parquet files) or a glob."""
+    from biglearn.data.storage import is_s3, list_files
+
+    if is_s3(spec):
+        found = list_files(spec)
+        if found:
+            return sorted(f"{spec.rstrip('/')}/{name}" for name in found if name.endswith(TABLE_SUFFIXES))
+        folder, name = spec.rsplit("/", 1)
+        if name in list_files(folder):
+            return [spec]
+        raise DatasetError(f"no table at {spec}: check source.files")
+    path = Path(spec)
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in TABLE_SUFFIXES)
+    else:
+        files = sorted(glob.glob(spec))
+    if not files:
+        raise DatasetError(f"no .csv, .tsv or .parquet file at {spec}: check source.files")
+    return files
+
+
+def _read_table(uri: str, missing: list[str]):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from biglearn.data.storage import resolve
+
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as stream:
+            if uri.lower().endswith(".parquet"):
+                return pq.read_table(stream)
+            delimiter = "\t" if uri.lower().endswith(".tsv") else ","
+            return pcsv.read_csv(
+                stream,
+                parse_options=pcsv.ParseOptions(delimiter=delimiter),
+                convert_options=pcsv.ConvertOptions(null_values=missing, strings_can_be_null=True),
+            )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(f"cannot read the table {uri}: {str(exc).strip().splitlines()[0]}") from None
+
+
 def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     with open(path, "rb") as stream:
@@ -476,6 +617,8 @@ def open_source(cfg: SourceInput) -> Iterator[Source]:
             yield TextSource(cfg)
         elif isinstance(cfg, GmmInput):
             yield GmmSource(cfg)
+        elif isinstance(cfg, TableInput):
+            yield TableSource(cfg)
         else:
             yield digits_source(cfg.encoding, cfg.patch)
 

@@ -22,10 +22,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from biglearn.data.manifest import Manifest
+from biglearn.data.manifest import MISSING, Manifest
 from biglearn.data.storage import join, resolve, write_bytes
 from biglearn.export import write_export
-from biglearn.roles import sample_roles, task_seed
+from biglearn.roles import sample_roles, task_seed, without_missing
 from biglearn.train.config import Fault, PretrainConfig
 from biglearn.train.engine import full_state_dict
 from biglearn.train.ingest import resumable_batches
@@ -57,6 +57,8 @@ def train_loop_per_worker(payload: dict) -> None:
             faults.before_step(step)
         task_generator = seeded_generator(device, task_seed(cfg.train.seed, step, rank, cfg.schedule, micro, accum))
         roles_BL, family_B = sample_roles(cfg.schedule, len(values), manifest.length, task_generator, manifest.grid)
+        if manifest.table is not None:
+            roles_BL = without_missing(roles_BL, values != MISSING, task_generator)
 
         def guard(loss: torch.Tensor) -> torch.Tensor:
             loss = faults.poisoned(loss, step)

@@ -172,7 +172,11 @@ def check_same_config(cfg: PretrainConfig, run_uri: str) -> None:
 def config_changes(saved: dict, new: dict) -> list[str]:
     """'key: old -> new' for every key that differs, operational keys left out. A key the saved
     config lacks (written before the key existed) counts as its default."""
-    flat_saved, flat_new = {**_flat(PretrainConfig().to_json()), **_flat(saved)}, _flat(new)
+    try:
+        saved = PretrainConfig.model_validate(saved).to_json()
+    except ValueError:  # written by a version with other keys: compared as it is
+        pass
+    flat_saved, flat_new = _flat(saved), _flat(new)
     changes = []
     for key in sorted(flat_saved.keys() | flat_new.keys()):
         if any(key == skip or key.startswith(skip + ".") for skip in OPERATIONAL):

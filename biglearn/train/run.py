@@ -74,6 +74,9 @@ def check_retrieval(cfg: PretrainConfig, manifest: Manifest, rows: int, uri: str
     """model.retrieval_neighbours keeps the training split in the model: one small enough to
     search by brute force at every step."""
     neighbours = cfg.model.retrieval_neighbours
+    if neighbours and manifest.table is not None:
+        raise DatasetError(f"{uri} is a table, whose missing cells a retrieval memory cannot compare: "
+                           "set model.retrieval_neighbours to 0")
     if neighbours and (rows <= neighbours or rows * manifest.length * (manifest.patch_dim or 1) > MEMORY_MAX_VALUES):
         raise DatasetError(
             f"{uri}: model.retrieval_neighbours ({neighbours}) keeps split {cfg.data.train_split!r} in the model, "

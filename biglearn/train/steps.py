@@ -109,6 +109,7 @@ class LikelihoodStep(TrainingStep):
         self.export_spec = ModelSpec(
             model=cfg.model, length=manifest.length, vocab_size=manifest.vocab_size, grid=manifest.grid,
             memory_rows=0 if memory is None else len(memory),
+            position_vocab=manifest.table.position_vocab if manifest.table is not None else None,
         )
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = UniversalTransformer(self.export_spec)

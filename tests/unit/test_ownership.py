@@ -42,3 +42,11 @@ def test_keys_a_saved_config_lacks_count_as_their_defaults(tmp_path):
     check_same_config(config(), str(tmp_path / "G"))
     with pytest.raises(RunBusyError, match="data.embedded_root: data -> elsewhere"):
         check_same_config(config("data.embedded_root=elsewhere"), str(tmp_path / "G"))
+
+
+def test_a_mapping_given_as_a_whole_is_compared_as_given(tmp_path):
+    families = "schedule.families={joint: {weight: 0.5}, marginal: {weight: 0.5}}"
+    check_same_config(config(families), str(tmp_path / "G"))
+    check_same_config(config(families), str(tmp_path / "G"))
+    with pytest.raises(RunBusyError, match=r"schedule.families.box.weight: \(absent\) -> 0.05"):
+        check_same_config(config(), str(tmp_path / "G"))

@@ -1,0 +1,125 @@
+"""Tables as token sequences: one position per column, every value a token of its own column.
+
+A numeric column becomes tokens by quantile bins fitted on the training rows only; a value that
+many rows share (a quantile repeated) gets a bin of its own, of zero width, so a point mass (all
+the zeros of a count) comes back exactly. Categorical and boolean columns take one token per
+value. Columns share one vocabulary: column c owns tokens [offset, offset + size), so a model
+restricted to its position's range (`position_vocab`) emits only its own column's values. A
+missing cell is the token MISSING (-1): never a source, never a target (roles.without_missing).
+
+Numbers come back continuous: a sampled bin, then a value drawn uniformly within it (rounded
+for columns whose training values are all whole numbers).
+
+Legend: N = rows, L = columns.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+from pydantic import PositiveInt
+
+from biglearn.data.manifest import MISSING, DatasetError, TableColumn, TableSchema
+
+
+def encode(schema: TableSchema, table: dict[str, np.ndarray]) -> np.ndarray:
+    """{column: values (NaN / None where missing)} -> tokens [N, L] (int32, MISSING where missing)."""
+    return np.stack([_encode_column(column, np.asarray(table[column.name])) for column in schema.columns], 1)
+
+
+def decode(schema: TableSchema, tokens_NL: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """tokens [N, L] -> {column: values}: floats (NaN where missing) for numeric columns, objects
+    (None where missing) for the others; numbers drawn within their bins."""
+    return {column.name: _decode_column(column, tokens_NL[:, index], rng) for index, column in enumerate(schema.columns)}
+
+
+def fit_schema(table: dict[str, np.ndarray], kinds: dict[str, str], train_rows: np.ndarray, bins: PositiveInt) -> TableSchema:
+    """The schema of `table` ({column: values, floats with NaN or objects with None where
+    missing}) whose columns are of `kinds` (numeric, categorical or boolean): bins from the rows
+    `train_rows`, categories from every row."""
+    columns, offset = [], 0
+    for name, values in table.items():
+        values = np.asarray(values)
+        if kinds[name] == "boolean":
+            column = TableColumn(name=name, type="boolean", offset=offset, categories=["false", "true"])
+        elif kinds[name] == "numeric":
+            train = values[train_rows].astype(np.float64)
+            train = train[~np.isnan(train)]
+            if not len(train):
+                raise DatasetError(f"column {name!r} has no value in the training split; leave it out of source.columns")
+            column = TableColumn(name=name, type="numeric", offset=offset, edges=quantile_edges(train, bins),
+                                 integer=bool(np.all(train == np.round(train))))
+        else:
+            present = {_text(value) for value in values if not _missing(value)}
+            if not present:
+                raise DatasetError(f"column {name!r} has no value; leave it out of source.columns")
+            column = TableColumn(name=name, type="categorical", offset=offset, categories=sorted(present))
+        columns.append(column)
+        offset += column.size
+    return TableSchema(columns=columns)
+
+
+def quantile_edges(values: np.ndarray, bins: int) -> list[float]:
+    """Edges of up to `bins` quantile bins of `values`; a value repeated among the quantiles keeps
+    two equal edges (its own zero-width bin) and no more."""
+    quantiles = np.quantile(values, np.linspace(0.0, 1.0, bins + 1))
+    edges: list[float] = []
+    for edge in quantiles.tolist():
+        if len(edges) >= 2 and edges[-1] == edges[-2] == edge:
+            continue
+        edges.append(edge)
+    return edges
+
+
+def _encode_column(column: TableColumn, values: np.ndarray) -> np.ndarray:
+    tokens = np.full(len(values), MISSING, dtype=np.int32)
+    if column.type == "numeric":
+        numbers = values.astype(np.float64)
+        present = ~np.isnan(numbers)
+        edges = np.asarray(column.edges)
+        index = np.clip(np.searchsorted(edges, numbers[present], side="right") - 1, 0, column.size - 1)
+        point_bins = np.flatnonzero(edges[:-1] == edges[1:])
+        for bin_index in point_bins:  # a point mass's value belongs to its own zero-width bin
+            index[numbers[present] == edges[bin_index]] = bin_index
+        tokens[present] = column.offset + index
+        return tokens
+    lookup = {category: token for token, category in enumerate(column.categories)}
+    for row, value in enumerate(values):
+        if _missing(value):
+            continue
+        text = _text(value)
+        if text not in lookup:
+            raise DatasetError(f"column {column.name!r}, row {row}: {text!r} is not one of its categories")
+        tokens[row] = column.offset + lookup[text]
+    return tokens
+
+
+def _decode_column(column: TableColumn, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    present = tokens != MISSING
+    index = tokens[present] - column.offset
+    if column.type == "numeric":
+        edges = np.asarray(column.edges)
+        low, high = edges[index], edges[index + 1]
+        drawn = low + rng.random(len(index)) * (high - low)
+        if column.integer:
+            drawn = np.clip(np.round(drawn), np.ceil(low), np.floor(high))
+        numbers = np.full(len(tokens), np.nan)
+        numbers[present] = drawn
+        return numbers
+    out = np.full(len(tokens), None, dtype=object)
+    categories = np.asarray(column.categories, dtype=object)
+    out[present] = categories[index] if column.type == "categorical" else categories[index] == "true"
+    return out
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _text(value) -> str:
+    """A category's text: whole floats without their '.0' (a category read as 1.0 is '1')."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    return str(value)
