@@ -21,6 +21,7 @@ import csv
 import glob
 import gzip
 import hashlib
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -429,55 +430,24 @@ class TextSource(Source):
 
 
 class TableSource(Source):
-    """A table: one position per column (biglearn/data/table.py). It is read whole into memory."""
+    """A table held in memory, one position per column (biglearn/data/table.py): {column: values}
+    (floats with NaN for numeric columns, objects with None for the others) of `kinds`. Rows
+    with no value are left out: they carry nothing to learn or to condition on."""
 
-    def __init__(self, cfg: TableInput):
-        import pyarrow as pa
-
-        self.cfg, self.files = cfg, table_files(cfg.files)
-        parts = [_read_table(uri, cfg.missing) for uri in self.files]
-        names = parts[0].column_names
-        for uri, part in zip(self.files[1:], parts[1:]):
-            if part.column_names != names:
-                raise DatasetError(f"{uri} has columns {part.column_names}, {self.files[0]} has {names}: "
-                                   "a table's files must share their columns")
-        table = pa.concat_tables(parts, promote_options="permissive")
-        chosen = cfg.columns or names
-        unknown = [name for name in [*chosen, *cfg.categorical] if name not in names]
-        if unknown:
-            raise DatasetError(f"column(s) {unknown} not in {cfg.files}; it has {names}")
-        if not table.num_rows:
-            raise DatasetError(f"{cfg.files} holds no rows")
-        self.kinds, self.values = {}, {}
-        for name in chosen:
-            column = table.column(name)
-            if pa.types.is_boolean(column.type):
-                kind = "boolean"
-            elif (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)) and name not in cfg.categorical:
-                kind = "numeric"
-            else:
-                kind = "categorical"
-            self.kinds[name] = kind
-            if kind == "numeric":
-                self.values[name] = column.cast(pa.float64()).to_numpy()
-            else:
-                cells = column.to_pylist()
-                missing = set(cfg.missing)
-                self.values[name] = np.array([None if isinstance(v, str) and v.strip() in missing else v for v in cells],
-                                             dtype=object)
-        # A row with no value carries nothing to learn or to condition on.
-        observed = np.zeros(table.num_rows, dtype=bool)
-        for name, values in self.values.items():
-            observed |= ~np.isnan(values) if self.kinds[name] == "numeric" else np.array([v is not None for v in values])
+    def __init__(self, name: str, values: dict[str, np.ndarray], kinds: dict[str, str], bins: int, identity: dict):
+        observed = np.zeros(len(next(iter(values.values()))), dtype=bool)
+        for column, cells in values.items():
+            observed |= ~np.isnan(cells) if kinds[column] == "numeric" else np.array([v is not None for v in cells], bool)
+        self.values = {column: cells[observed] for column, cells in values.items()}
         if not observed.all():
-            self.values = {name: values[observed] for name, values in self.values.items()}
-        self.empty_rows = int((~observed).sum())
-        self.name = Path(cfg.files.rstrip("/").rsplit("/", 1)[-1]).stem.replace("*", "") or "table"
-        self.length = len(chosen)
-        self.table = None
+            logging.getLogger("biglearn").info(f"[biglearn] {name}: {int((~observed).sum())} row(s) with no value left out")
+        self.name, self.kinds, self.bins, self._identity = name, kinds, bins, identity
+        self.length = len(values)
+        if not len(self):
+            raise DatasetError(f"table {name!r} has no row with a value")
 
     def fit(self, train_rows: np.ndarray) -> None:
-        self.table = fit_schema(self.values, self.kinds, train_rows, self.cfg.bins)
+        self.table = fit_schema(self.values, self.kinds, train_rows, self.bins)
         self.vocab_size = self.table.vocab_size
 
     def __len__(self) -> int:
@@ -487,13 +457,56 @@ class TableSource(Source):
         return {"values": encode(self.table, {name: values[indices_N] for name, values in self.values.items()})}
 
     def identity(self) -> dict:
-        from biglearn.data.storage import list_files
+        return self._identity
 
-        sizes = []
-        for uri in self.files:
-            folder, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
-            sizes.append((name, list_files(folder).get(name)))
-        return {"config": self.cfg.model_dump(), "files": sizes}
+
+def table_source(cfg: TableInput) -> TableSource:
+    """The table `cfg` names, read whole into memory."""
+    import pyarrow as pa
+
+    from biglearn.data.storage import list_files
+
+    files = table_files(cfg.files)
+    parts = [_read_table(uri, cfg.missing) for uri in files]
+    names = parts[0].column_names
+    for uri, part in zip(files[1:], parts[1:]):
+        if part.column_names != names:
+            raise DatasetError(f"{uri} has columns {part.column_names}, {files[0]} has {names}: "
+                               "a table's files must share their columns")
+    unknown = [name for name in [*(cfg.columns or []), *cfg.categorical] if name not in names]
+    if unknown:
+        raise DatasetError(f"column(s) {unknown} not in {cfg.files}; it has {names}")
+    values, kinds = arrow_columns(pa.concat_tables(parts, promote_options="permissive"), cfg.columns or names,
+                                  cfg.categorical, cfg.missing)
+    sizes = []
+    for uri in files:
+        folder, file = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+        sizes.append((file, list_files(folder).get(file)))
+    name = Path(cfg.files.rstrip("/").rsplit("/", 1)[-1]).stem.replace("*", "") or "table"
+    return TableSource(name, values, kinds, cfg.bins, {"config": cfg.model_dump(), "files": sizes})
+
+
+def arrow_columns(table, chosen: list[str], categorical: list[str], missing: list[str]) -> tuple[dict, dict]:
+    """({column: values}, {column: kind}) of an Arrow table's `chosen` columns: booleans are
+    boolean, numbers numeric (unless listed in `categorical`), anything else categorical; text
+    cells in `missing` are missing."""
+    import pyarrow as pa
+
+    values, kinds, markers = {}, {}, set(missing)
+    for name in chosen:
+        column = table.column(name)
+        if pa.types.is_boolean(column.type):
+            kinds[name] = "boolean"
+        elif (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)) and name not in categorical:
+            kinds[name] = "numeric"
+        else:
+            kinds[name] = "categorical"
+        if kinds[name] == "numeric":
+            values[name] = column.cast(pa.float64()).to_numpy()
+        else:
+            cells = column.to_pylist()
+            values[name] = np.array([None if isinstance(v, str) and v.strip() in markers else v for v in cells], dtype=object)
+    return values, kinds
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
@@ -618,7 +631,7 @@ def open_source(cfg: SourceInput) -> Iterator[Source]:
         elif isinstance(cfg, GmmInput):
             yield GmmSource(cfg)
         elif isinstance(cfg, TableInput):
-            yield TableSource(cfg)
+            yield table_source(cfg)
         else:
             yield digits_source(cfg.encoding, cfg.patch)
 

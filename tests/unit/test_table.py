@@ -71,6 +71,14 @@ def test_a_column_without_values_is_refused_by_name():
         fit_schema(table, {**KINDS, "empty": "numeric"}, np.arange(150), bins=8)
 
 
+def test_a_constant_column_is_one_zero_width_bin_and_comes_back_exactly():
+    table = {"constant": np.array([3.0, 3.0, np.nan, 3.0]), "x": np.array([1.0, 2.0, 3.0, 4.0])}
+    schema = fit_schema(table, {"constant": "numeric", "x": "numeric"}, np.arange(4), bins=4)
+    assert schema.columns[0].edges == [3.0, 3.0] and schema.columns[0].size == 1
+    back = decode(schema, encode(schema, table), np.random.default_rng(0))
+    assert np.array_equal(back["constant"], table["constant"], equal_nan=True)
+
+
 def write_csv(path: Path, rows: int = 120) -> Path:
     rng = np.random.default_rng(0)
     lines = ["age,city,smoker,score"]
