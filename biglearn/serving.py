@@ -11,6 +11,11 @@ continuous patches) draw every target in one pass with per-position noise, so th
 fields do not apply to them. A known value is a token id, or for a generator a patch of P numbers
 (a plain number when P = 1).
 
+Table models (trained on a table: one position per column) speak column names: known values are
+{column: number | text | true/false}, targets are column names, and each sample comes back as
+typed values by column name (numbers drawn within their bins), with a point estimate over the
+samples (mean or most frequent value).
+
 Token image models (a 1-channel pixel grid, patch 1) also take and return PNGs: value v is the
 grey level round(255 * v / (V - 1)), read back with the inverse rounding.
 
@@ -40,11 +45,15 @@ from pydantic import (
     NonNegativeFloat,
     PositiveInt,
     Strict,
+    StrictBool,
     StrictInt,
+    StrictStr,
     model_validator,
 )
 
 from biglearn.config import Config
+from biglearn.data.manifest import MISSING, TableColumn, TableSchema
+from biglearn.data.table import decode, encode, point_estimate
 from biglearn.export import load_export
 from biglearn.gan import generate
 from biglearn.generation import Order, complete
@@ -101,6 +110,25 @@ class ServingConfig(Config):
 # --- the model and what it is ----------------------------------------------------------------
 
 
+class ColumnCard(BaseModel):
+    """A table model's column: what a request may give for it and what comes back."""
+
+    name: str
+    type: Literal["numeric", "categorical", "boolean"]
+    categories: list[str] | None = Field(None, description="categorical: the values it takes")
+    minimum: float | None = Field(None, description="numeric: the smallest training value (smaller ones count as it)")
+    maximum: float | None = Field(None, description="numeric: the largest training value (larger ones count as it)")
+    integer: bool = Field(False, description="numeric: values are whole numbers")
+
+
+def column_card(column: TableColumn) -> ColumnCard:
+    if column.type == "numeric":
+        return ColumnCard(name=column.name, type="numeric", minimum=column.edges[0], maximum=column.edges[-1],
+                          integer=column.integer)
+    return ColumnCard(name=column.name, type=column.type,
+                      categories=column.categories if column.type == "categorical" else None)
+
+
 class ModelCard(BaseModel):
     """GET /v1/model."""
 
@@ -116,6 +144,8 @@ class ModelCard(BaseModel):
     architecture: dict[str, Any]
     carries_training_data: bool = Field(
         description="the weights hold training examples (a retrieval memory): sharing the export shares them")
+    columns: list[ColumnCard] | None = Field(
+        None, description="a table model's columns, in position order: requests name them in values and target")
 
 
 class ExportedModel:
@@ -131,6 +161,7 @@ class ExportedModel:
         config = _read_json(folder / "config.json")
         panel_path = folder / "panel.json"
         geometry = manifest.get("geometry")
+        self.table = TableSchema.model_validate(manifest["table"]) if manifest.get("table") else None
         self.card = ModelCard(
             dataset=manifest.get("name", "unknown"),
             kind=manifest.get("kind", "discrete"),
@@ -143,6 +174,7 @@ class ExportedModel:
             config_sha256=hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
             architecture=self.spec.model.model_dump(),
             carries_training_data=self.spec.carries_training_data,
+            columns=[column_card(column) for column in self.table.columns] if self.table else None,
         )
         self.image_shape = _png_shape(self.spec, geometry)
         self.problem = self._probe()
@@ -196,6 +228,8 @@ class ImageInput(BaseModel):
 FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
 KnownValue = StrictInt | FiniteFloat | list[FiniteFloat]
 """A token id, or (generators) a patch of P numbers, a plain number when P = 1."""
+Cell = StrictBool | StrictInt | FiniteFloat | StrictStr
+"""A table cell: a number (numeric column), a category's text, or true/false (boolean column)."""
 
 
 class CompleteRequest(BaseModel):
@@ -206,14 +240,15 @@ class CompleteRequest(BaseModel):
         json_schema_extra={"examples": [{"values": {"0": 3, "1": 0}, "target": "rest", "num_samples": 2, "seed": 7}]},
     )
 
-    values: list[KnownValue | None] | dict[int, KnownValue] | None = Field(
+    values: list[KnownValue | None] | dict[int, KnownValue] | dict[str, Cell | None] | None = Field(
         None,
         description="known values: a full-length list with null for unknown, or {position: value}; "
-        "a value is a token id, or for a continuous model a patch of P numbers (a number when P = 1)",
+        "a value is a token id, or for a continuous model a patch of P numbers (a number when P = 1); "
+        "a table model takes {column: value} (null = unknown)",
     )
     image: ImageInput | None = None
-    target: Literal["rest"] | list[StrictInt] = Field(
-        "rest", description='positions to generate, or "rest" = every position not known'
+    target: Literal["rest"] | list[StrictInt] | list[StrictStr] = Field(
+        "rest", description='positions (a table model: column names) to generate, or "rest" = every one not known'
     )
     num_samples: PositiveInt = 1
     seed: int = Field(0, ge=0, lt=2**63)
@@ -230,8 +265,9 @@ class CompleteRequest(BaseModel):
 
 
 class Sample(BaseModel):
-    values: list[int] | list[float] | list[list[float]] = Field(
-        description="token ids, or for a continuous model one number (P = 1) or patch per position"
+    values: list[int] | list[float] | list[list[float]] | dict[str, Cell] = Field(
+        description="token ids, or for a continuous model one number (P = 1) or patch per position; "
+        "a table model: {column: value} for the given and target columns"
     )
     png: str | None = None
 
@@ -240,6 +276,8 @@ class CompleteResponse(BaseModel):
     """The decoding settings used; generators (one pass, no decoding) leave them out."""
 
     samples: list[Sample]
+    estimate: dict[str, Cell | None] | None = Field(
+        None, description="a table model: per target column the mean (numeric) or most frequent value over the samples")
     seed: int
     steps: int | None = None
     temperature: float | None = None
@@ -269,6 +307,8 @@ class Task:
     decoding: Decoding | None
     """None for a generator: it draws in one pass."""
     return_png: bool
+    given: dict[str, Any] | None = None
+    """A table model's known cells as the request gave them (they come back unchanged)."""
 
     @property
     def num_targets(self) -> int:
@@ -302,22 +342,12 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
     if request.return_png and served.image_shape is None:
         raise RequestError("return_png: this model's positions are not the pixels of an image; leave it false")
 
-    values, known_L = _known_values(request, served)
-    if request.target == "rest":
-        target_L = ~known_L
-        if not target_L.any():
-            raise RequestError('target is "rest" but every position is known: leave some unknown or list target positions')
+    if served.table is not None:
+        values, known_L, target_L, given = _table_cells(request, served.table)
     else:
-        if not request.target:
-            raise RequestError('target is empty: list at least one position, or use "rest"')
-        positions = _positions(request.target, length, "target")
-        if len(set(positions)) != len(positions):
-            raise RequestError("target lists a position more than once")
-        target_L = torch.zeros(length, dtype=torch.bool)
-        target_L[positions] = True
-        overlap = torch.nonzero(target_L & known_L)[:, 0].tolist()
-        if overlap:
-            raise RequestError(f"positions {overlap[:10]} are both known and targets: S and T must be disjoint")
+        values, known_L = _known_values(request, served)
+        target_L = _target_positions(request.target, known_L)
+        given = None
 
     roles_L = torch.full((length,), ABSENT, dtype=torch.int8)
     roles_L[known_L] = SOURCE
@@ -330,7 +360,86 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
         seed=request.seed,
         decoding=decoding,
         return_png=request.return_png,
+        given=given,
     )
+
+
+def _target_positions(target: Literal["rest"] | list[int] | list[str], known_L: torch.Tensor) -> torch.Tensor:
+    """target_L from "rest" or a list of positions, disjoint from the known ones."""
+    length = len(known_L)
+    if target == "rest":
+        target_L = ~known_L
+        if not target_L.any():
+            raise RequestError('target is "rest" but every position is known: leave some unknown or list target positions')
+        return target_L
+    if not target:
+        raise RequestError('target is empty: list at least one position, or use "rest"')
+    if not all(isinstance(position, int) for position in target):
+        raise RequestError("target lists column names, but this model is not a table: list positions (whole numbers)")
+    positions = _positions(target, length, "target")
+    if len(set(positions)) != len(positions):
+        raise RequestError("target lists a position more than once")
+    target_L = torch.zeros(length, dtype=torch.bool)
+    target_L[positions] = True
+    overlap = torch.nonzero(target_L & known_L)[:, 0].tolist()
+    if overlap:
+        raise RequestError(f"positions {overlap[:10]} are both known and targets: S and T must be disjoint")
+    return target_L
+
+
+def _table_cells(request: CompleteRequest, table: TableSchema) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(values_L, known_L, target_L, given cells) of a table model's request by column name."""
+    names = [column.name for column in table.columns]
+    if request.image is not None or isinstance(request.values, list):
+        field = "image" if request.image is not None else "values"
+        raise RequestError(f"{field}: this model is a table; send values as {{column: value}} with columns {names}")
+    given = {str(name): value for name, value in (request.values or {}).items() if value is not None}
+    unknown = [name for name in given if name not in names]
+    if unknown:
+        raise RequestError(f"values names column(s) {unknown[:10]} that this model does not have; its columns are {names}")
+    cells = {column.name: _cell(column, given.get(column.name)) for column in table.columns}
+    known_L = torch.tensor([name in given for name in names])
+    values_L = torch.from_numpy(encode(table, cells)[0].astype(np.int64))
+    if request.target == "rest":
+        target_L = ~known_L
+        if not target_L.any():
+            raise RequestError('target is "rest" but every column is given: leave some out or list target columns')
+        return values_L, known_L, target_L, given
+    if not request.target:
+        raise RequestError('target is empty: list at least one column, or use "rest"')
+    if not all(isinstance(name, str) for name in request.target):
+        raise RequestError(f"target: this model is a table; list column names (of {names}), not positions")
+    unknown = [name for name in request.target if name not in names]
+    if unknown:
+        raise RequestError(f"target names column(s) {unknown[:10]} that this model does not have; its columns are {names}")
+    if len(set(request.target)) != len(request.target):
+        raise RequestError("target lists a column more than once")
+    both = [name for name in request.target if name in given]
+    if both:
+        raise RequestError(f"column(s) {both[:10]} are both given and targets: leave them out of one of values and target")
+    target_L = torch.tensor([name in request.target for name in names])
+    return values_L, known_L, target_L, given
+
+
+def _cell(column: TableColumn, value: Any) -> np.ndarray:
+    """One cell as `encode` reads it (a 1-row column), checked against the column's type."""
+    if value is None:
+        return np.array([np.nan]) if column.type == "numeric" else np.array([None], dtype=object)
+    where = f"values[{column.name!r}] = {json.dumps(value)}"
+    if column.type == "numeric":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RequestError(f"{where}: column {column.name!r} is numeric; send a number")
+        return np.array([float(value)])
+    if column.type == "boolean":
+        if not isinstance(value, bool):
+            raise RequestError(f"{where}: column {column.name!r} is boolean; send true or false")
+        return np.array([value], dtype=object)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RequestError(f"{where}: column {column.name!r} is categorical; send one of its categories as text")
+    if str(value) not in column.categories:
+        shown = ", ".join(column.categories[:20]) + (", ..." if len(column.categories) > 20 else "")
+        raise RequestError(f"{where}: not a category of column {column.name!r}; it has {shown} (GET /v1/model)")
+    return np.array([str(value)], dtype=object)
 
 
 def _no_decoding(request: CompleteRequest) -> None:
@@ -365,7 +474,14 @@ def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torc
             )
         known = {position: value for position, value in enumerate(request.values) if value is not None}
     else:
-        known = dict(zip(_positions(list(request.values), spec.length, "values"), request.values.values()))
+        known = {}
+        for key, value in request.values.items():
+            if isinstance(key, str) and not key.isdigit():
+                raise RequestError(f"values names column {key!r}, but this model is not a table: send {{position: value}}")
+            if isinstance(value, (bool, str)):
+                raise RequestError(f"values[{key}] = {json.dumps(value)} is neither a token id nor a number")
+            known[int(key)] = value
+        _positions(list(known), spec.length, "values")
     known_L = torch.zeros(spec.length, dtype=torch.bool)
     known_L[list(known)] = True
     if spec.continuous:
@@ -463,6 +579,8 @@ def complete_tasks(model: torch.nn.Module, tasks: list[Task], device: torch.devi
 
 def respond(task: Task, samples: torch.Tensor, served: ExportedModel) -> CompleteResponse:
     """`samples`: values_NL (token model) or values_NLP (generator; P = 1 is answered as numbers)."""
+    if served.table is not None:
+        return _table_response(task, samples, served.table)
     if served.spec.patch_dim == 1:
         samples = samples[..., 0]
     answers = [
@@ -476,3 +594,32 @@ def respond(task: Task, samples: torch.Tensor, served: ExportedModel) -> Complet
     if d is None:
         return CompleteResponse(samples=answers, seed=task.seed)
     return CompleteResponse(samples=answers, seed=task.seed, **dataclasses.asdict(d))
+
+
+def _table_response(task: Task, samples_NL: torch.Tensor, table: TableSchema) -> CompleteResponse:
+    """Samples as {column: value} for the given and target columns, numbers drawn within their
+    bins (from the request's seed), and the point estimate of each target column over them."""
+    tokens_NL = samples_NL.numpy().astype(np.int32)
+    targets = [index for index in range(len(table.columns)) if task.roles_L[index] == TARGET]
+    tokens_NL[:, [index for index in range(len(table.columns)) if index not in targets]] = MISSING
+    drawn = decode(table, tokens_NL, np.random.default_rng(task.seed))
+    estimate = point_estimate(table, [{name: cells[row:row + 1] for name, cells in drawn.items()} for row in range(len(tokens_NL))])
+    answers = []
+    for row in range(len(tokens_NL)):
+        cells = dict(task.given or {})
+        for index in targets:
+            column = table.columns[index]
+            cells[column.name] = _typed(column, drawn[column.name][row])
+        answers.append(Sample(values=cells))
+    estimates = {table.columns[index].name: _typed(table.columns[index], estimate[table.columns[index].name][0], mean=True)
+                 for index in targets}
+    return CompleteResponse(samples=answers, estimate=estimates, seed=task.seed, **dataclasses.asdict(task.decoding))
+
+
+def _typed(column: TableColumn, value: Any, mean: bool = False) -> bool | int | float | str | None:
+    """A decoded cell as JSON: whole numbers for integer columns (not their means), true/false for booleans."""
+    if value is None:
+        return None
+    if column.type == "numeric":
+        return int(value) if column.integer and not mean else float(value)
+    return bool(value) if column.type == "boolean" else str(value)

@@ -29,7 +29,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from biglearn.data.manifest import MISSING, DatasetError, Manifest, TableSchema
-from biglearn.data.table import decode, encode
+from biglearn.data.table import decode, encode, point_estimate
 from biglearn.generation import complete
 from biglearn.roles import SOURCE, TARGET
 
@@ -102,12 +102,7 @@ class Imputer(TransformerMixin, BaseEstimator):
         """X with every missing cell filled: the mean of `draws` completions (numeric) or their
         most frequent value; observed cells unchanged. Same type as X."""
         draws = self._completions(X, self.draws)
-        names = list(self.feature_names_in_)
-        estimate = {}
-        for column in self.schema_.columns:
-            stacked = np.stack([draw[column.name] for draw in draws])
-            estimate[column.name] = stacked.mean(0) if column.type == "numeric" else _most_frequent(stacked)
-        return _like(X, names, estimate)
+        return _like(X, list(self.feature_names_in_), point_estimate(self.schema_, draws))
 
     def sample_imputations(self, X, n_draws: int) -> list:
         """`n_draws` completions of X (multiple imputation), each the same type as X."""
@@ -230,14 +225,6 @@ def _number(cell, name: str, row: int) -> float:
 
 def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
-
-
-def _most_frequent(stacked_KN: np.ndarray) -> np.ndarray:
-    out = np.empty(stacked_KN.shape[1], dtype=object)
-    for row in range(stacked_KN.shape[1]):
-        cells = [cell for cell in stacked_KN[:, row].tolist() if cell is not None]
-        out[row] = max(set(cells), key=cells.count) if cells else None
-    return out
 
 
 def _like(X, names: list[str], values: dict[str, np.ndarray]):

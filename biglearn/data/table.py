@@ -33,6 +33,16 @@ def decode(schema: TableSchema, tokens_NL: np.ndarray, rng: np.random.Generator)
     return {column.name: _decode_column(column, tokens_NL[:, index], rng) for index, column in enumerate(schema.columns)}
 
 
+def point_estimate(schema: TableSchema, draws: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One value per cell from K decoded draws ({column: values [N]} each): the mean for numeric
+    columns, the most frequent value for the others (missing where every draw is)."""
+    estimate = {}
+    for column in schema.columns:
+        stacked_KN = np.stack([draw[column.name] for draw in draws])
+        estimate[column.name] = stacked_KN.mean(0) if column.type == "numeric" else _most_frequent(stacked_KN)
+    return estimate
+
+
 def fit_schema(table: dict[str, np.ndarray], kinds: dict[str, str], train_rows: np.ndarray, bins: PositiveInt) -> TableSchema:
     """The schema of `table` ({column: values, floats with NaN or objects with None where
     missing}) whose columns are of `kinds` (numeric, categorical or boolean): bins from the rows
@@ -109,6 +119,14 @@ def _decode_column(column: TableColumn, tokens: np.ndarray, rng: np.random.Gener
     out = np.full(len(tokens), None, dtype=object)
     categories = np.asarray(column.categories, dtype=object)
     out[present] = categories[index] if column.type == "categorical" else categories[index] == "true"
+    return out
+
+
+def _most_frequent(stacked_KN: np.ndarray) -> np.ndarray:
+    out = np.empty(stacked_KN.shape[1], dtype=object)
+    for row in range(stacked_KN.shape[1]):
+        cells = [cell for cell in stacked_KN[:, row].tolist() if cell is not None]
+        out[row] = max(set(cells), key=cells.count) if cells else None
     return out
 
 

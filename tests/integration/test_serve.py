@@ -82,7 +82,7 @@ def server(export):
 
 # What the main app's replicas answered on /v1/complete, by status, as the clients saw it (the
 # proxy's own 503s for backpressure never reach a replica). Side apps are deployed by some tests.
-SIDE_APPS = ("/broken", "/gan")
+SIDE_APPS = ("/broken", "/gan", "/table")
 ANSWERED: Counter = Counter()
 _answered_lock = threading.Lock()
 
@@ -259,6 +259,45 @@ def test_a_gan_export_serves_one_pass_samples_of_numbers(server, tmp_path):
         assert post(f"{base}/gan", '{"values": {"1": NaN}}').status_code == 422
     finally:
         serve.delete("gan")
+
+
+def test_a_table_export_is_asked_and_answers_by_column_name(server, tmp_path):
+    """A model of a table (untrained): typed values by column name in, typed values by column out."""
+    import numpy as np
+    from ray import serve
+
+    from biglearn.data.table import fit_schema
+    from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
+
+    base, _ = server
+    rng = np.random.default_rng(0)
+    table = {"age": rng.integers(18, 90, 100).astype(float), "sex": rng.choice(np.array(["F", "M"], dtype=object), 100),
+             "income": rng.lognormal(10, 1, 100)}
+    schema = fit_schema(table, {"age": "numeric", "sex": "categorical", "income": "numeric"}, np.arange(100), bins=4)
+    spec = ModelSpec(model=ModelConfig(d_model=16, num_layers=1, num_heads=2), length=3, vocab_size=schema.vocab_size,
+                     position_vocab=schema.position_vocab)
+    manifest = {"name": "people", "kind": "discrete", "length": 3, "vocab_size": schema.vocab_size,
+                "table": schema.model_dump(mode="json")}
+    write_export(tmp_path, UniversalTransformer(spec).state_dict(), spec, manifest, {})
+    app, _, _ = app_from_config(export=str(tmp_path), overrides=SETTINGS, deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    serve.run(app, name="table", route_prefix="/table")
+    try:
+        card = requests.get(f"{base}/table/v1/model", timeout=10).json()
+        assert [(c["name"], c["type"]) for c in card["columns"]] == [("age", "numeric"), ("sex", "categorical"), ("income", "numeric")]
+        assert card["columns"][1]["categories"] == ["F", "M"]
+        answer = post(f"{base}/table", {"values": {"age": 42, "sex": "F"}, "target": ["income"], "num_samples": 3})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert all(s["values"]["age"] == 42 and s["values"]["sex"] == "F" and isinstance(s["values"]["income"], float)
+                   for s in body["samples"])
+        assert isinstance(body["estimate"]["income"], float)
+        for bad, detail in [({"values": {"height": 1}}, "does not have"), ({"values": {"sex": "X"}}, "not a category"),
+                            ({"values": {"age": "old"}}, "is numeric"), ({"values": {"age": 1}, "target": ["age"]}, "both given"),
+                            ('{"values": {"age": NaN}}', None)]:
+            refused = post(f"{base}/table", bad)
+            assert refused.status_code == 422 and (detail is None or detail in refused.json()["detail"]), refused.text
+    finally:
+        serve.delete("table")
 
 
 # --- bad input and overload ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from dataclasses import astuple
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from biglearn.config import ConfigError, validate_config
+from biglearn.data.table import fit_schema
 from biglearn.export import write_export
 from biglearn.generation import complete
 from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
@@ -150,7 +152,6 @@ def test_bad_requests_say_what_to_fix(served, fields, message):
         '{"values": {"0": 1}, "colour": "red"}',  # unknown field
         '{"values": {"0": 1}, "temperature": NaN}',  # non-finite number
         '{"values": {"0": 1}, "temperature": Infinity}',
-        '{"values": {"0": true}}',
         '{"values": {"0": 1}, "num_samples": 0}',
         '{"values": {"0": 1}, "order": "sideways"}',
         '{"values": {"0": 1}, "guidance": -1}',
@@ -159,6 +160,19 @@ def test_bad_requests_say_what_to_fix(served, fields, message):
 def test_schema_refuses_malformed_fields(body):
     with pytest.raises(ValidationError):
         CompleteRequest.model_validate_json(body)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('{"values": {"0": true}}', "values[0] = true is neither a token id nor a number"),
+        ('{"values": {"age": 3}}', "values names column 'age', but this model is not a table"),
+        ('{"values": {"0": 1}, "target": ["age"]}', "target lists column names, but this model is not a table"),
+    ],
+)
+def test_token_models_refuse_column_names(served, body, message):
+    with pytest.raises(RequestError, match=re.escape(message)):
+        parse_request(CompleteRequest.model_validate_json(body), served, CFG)
 
 
 def test_decoding_defaults_come_from_config(served):
@@ -373,3 +387,84 @@ def test_bad_generator_requests_say_what_to_fix(served_generator, fields, messag
 def test_schema_refuses_non_finite_or_non_numeric_patches(body):
     with pytest.raises(ValidationError):
         CompleteRequest.model_validate_json(body)
+
+
+# --- a table model: columns by name ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def table_model(tmp_path_factory) -> ExportedModel:
+    """An untrained model of a table with an integer, a real, a categorical and a boolean column."""
+    rng = np.random.default_rng(0)
+    table = {"age": rng.integers(18, 90, 200).astype(float), "income": rng.lognormal(10, 1, 200),
+             "city": rng.choice(np.array(["Lima", "Oslo", "Pune"], dtype=object), 200),
+             "smoker": (rng.random(200) < 0.3).astype(object)}
+    kinds = {"age": "numeric", "income": "numeric", "city": "categorical", "smoker": "boolean"}
+    schema = fit_schema(table, kinds, np.arange(200), bins=6)
+    spec = ModelSpec(model=ModelConfig(d_model=16, num_layers=1, num_heads=2), length=4, vocab_size=schema.vocab_size,
+                     position_vocab=schema.position_vocab)
+    manifest = {"name": "people", "kind": "discrete", "length": 4, "vocab_size": schema.vocab_size,
+                "table": schema.model_dump(mode="json")}
+    folder = tmp_path_factory.mktemp("table-export")
+    write_export(folder, UniversalTransformer(spec).state_dict(), spec, manifest, {})
+    return ExportedModel(folder)
+
+
+def table_answer(served: ExportedModel, body: dict) -> dict:
+    task = parse_request(CompleteRequest.model_validate_json(json.dumps(body)), served, CFG)
+    (samples,) = complete_tasks(served.model, [task], served.device)
+    return json.loads(respond(task, samples, served).model_dump_json(exclude_none=True))
+
+
+def test_a_table_model_lists_its_columns_and_answers_by_column_name(table_model):
+    columns = {column.name: column for column in table_model.card.columns}
+    assert [c.type for c in table_model.card.columns] == ["numeric", "numeric", "categorical", "boolean"]
+    assert columns["city"].categories == ["Lima", "Oslo", "Pune"] and columns["age"].integer
+    assert 18 <= columns["age"].minimum < columns["age"].maximum <= 89 and columns["smoker"].categories is None
+
+    answer = table_answer(table_model, {"values": {"age": 42, "city": "Oslo"}, "target": ["income", "smoker"],
+                                        "num_samples": 6, "seed": 3})
+    assert len(answer["samples"]) == 6 and set(answer["estimate"]) == {"income", "smoker"}
+    incomes = [sample["values"]["income"] for sample in answer["samples"]]
+    for sample in answer["samples"]:
+        values = sample["values"]
+        assert set(values) == {"age", "city", "income", "smoker"}  # given and targets; nothing else
+        assert values["age"] == 42 and values["city"] == "Oslo" and isinstance(values["smoker"], bool)
+        assert columns["income"].minimum <= values["income"] <= columns["income"].maximum
+    assert len(set(incomes)) == 6  # drawn within bins: continuous values, not bin centres
+    assert answer["estimate"]["income"] == pytest.approx(np.mean(incomes))
+    assert answer["estimate"]["smoker"] in (True, False)
+
+    joint = table_answer(table_model, {"target": "rest", "num_samples": 2})  # no values: a synthetic row
+    assert all(isinstance(s["values"]["age"], int) and s["values"]["city"] in columns["city"].categories
+               for s in joint["samples"])
+    assert table_answer(table_model, {"values": {"age": 42.5, "smoker": None}, "num_samples": 2, "seed": 1})["samples"][0][
+        "values"]["age"] == 42.5  # a given value comes back as given; null = unknown, so smoker is a target
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"values": {"height": 1.8}}, "values names column(s) ['height'] that this model does not have; its columns are"),
+        ({"values": {"age": 42}, "target": ["weight"]}, "target names column(s) ['weight']"),
+        ({"values": {"age": "old"}}, "values['age'] = \"old\": column 'age' is numeric; send a number"),
+        ({"values": {"age": True}}, "column 'age' is numeric"),
+        ({"values": {"smoker": 1}}, "column 'smoker' is boolean; send true or false"),
+        ({"values": {"city": "Rome"}}, "values['city'] = \"Rome\": not a category of column 'city'; it has Lima, Oslo, Pune"),
+        ({"values": {"city": 2.5}}, "column 'city' is categorical"),
+        ({"values": {"age": 42}, "target": ["age", "city"]}, "column(s) ['age'] are both given and targets"),
+        ({"values": {"age": 42}, "target": ["city", "city"]}, "target lists a column more than once"),
+        ({"values": {"age": 42}, "target": [1]}, "this model is a table; list column names"),
+        ({"values": {"age": 42}, "target": []}, "target is empty"),
+        ({"values": [1, 2, 3, 4]}, "values: this model is a table; send values as {column: value}"),
+        ({"values": {"age": 42, "income": 1.0, "city": "Lima", "smoker": False}}, '"rest" but every column is given'),
+    ],
+)
+def test_table_requests_that_cannot_be_answered_say_what_to_fix(table_model, body, message):
+    with pytest.raises(RequestError, match=re.escape(message)):
+        parse_request(CompleteRequest.model_validate_json(json.dumps(body)), table_model, CFG)
+
+
+def test_a_non_finite_table_value_is_refused_by_the_schema():
+    with pytest.raises(ValidationError):
+        CompleteRequest.model_validate_json('{"values": {"income": NaN}}')
