@@ -52,8 +52,7 @@ from pydantic import (
 )
 
 from biglearn.config import Config
-from biglearn.data.manifest import MISSING, TableColumn, TableSchema
-from biglearn.data.table import decode, encode, point_estimate
+from biglearn.data.table import MISSING, TableColumn, TableSchema, decode, encode, point_estimate
 from biglearn.export import load_export
 from biglearn.gan import generate
 from biglearn.generation import Order, complete

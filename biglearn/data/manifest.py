@@ -23,15 +23,11 @@ import pyarrow.parquet as pq
 from pydantic import NonNegativeInt, PositiveInt, ValidationError
 
 from biglearn.config import Config
+from biglearn.data.table import MISSING, DatasetError, TableColumn, TableSchema  # noqa: F401 (their home is table.py)
 from biglearn.data.storage import StorageError, join, list_files, read_bytes, resolve
 
 MANIFEST = "manifest.json"
 VALUES = "values"
-MISSING = -1  # a table's missing cell
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used as it is; the message names the file and what to do."""
 
 
 class Geometry(Config):
@@ -50,39 +46,6 @@ class Shard(Config):
     rows: NonNegativeInt
     bytes: NonNegativeInt
     sha256: str
-
-
-class TableColumn(Config):
-    """One column of a table (biglearn/data/table.py encodes and decodes its values)."""
-
-    name: str
-    type: Literal["numeric", "categorical", "boolean"]
-    offset: NonNegativeInt
-    """The column's first token in the shared vocabulary."""
-    edges: list[float] | None = None
-    """numeric: bin edges (len = bins + 1); equal neighbours make a zero-width bin (a point mass)."""
-    integer: bool = False
-    """numeric: every training value was a whole number, so decoded values are rounded."""
-    categories: list[str] | None = None
-    """categorical/boolean: the values, in token order."""
-
-    @property
-    def size(self) -> int:
-        return len(self.edges) - 1 if self.type == "numeric" else len(self.categories)
-
-
-class TableSchema(Config):
-    columns: list[TableColumn]
-
-    @property
-    def vocab_size(self) -> int:
-        last = self.columns[-1]
-        return last.offset + last.size
-
-    @property
-    def position_vocab(self) -> list[tuple[int, int]]:
-        """[start, end) of the tokens each position (column) may hold."""
-        return [(column.offset, column.offset + column.size) for column in self.columns]
 
 
 class Manifest(Config):

@@ -15,11 +15,51 @@ Legend: N = rows, L = columns.
 
 from __future__ import annotations
 
+from typing import Literal
 
 import numpy as np
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 
-from biglearn.data.manifest import MISSING, DatasetError, TableColumn, TableSchema
+from biglearn.config import Config
+
+MISSING = -1  # a table's missing cell
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message names the file and what to do."""
+
+
+class TableColumn(Config):
+    """One column of a table (encode and decode below map its values to tokens and back)."""
+
+    name: str
+    type: Literal["numeric", "categorical", "boolean"]
+    offset: NonNegativeInt
+    """The column's first token in the shared vocabulary."""
+    edges: list[float] | None = None
+    """numeric: bin edges (len = bins + 1); equal neighbours make a zero-width bin (a point mass)."""
+    integer: bool = False
+    """numeric: every training value was a whole number, so decoded values are rounded."""
+    categories: list[str] | None = None
+    """categorical/boolean: the values, in token order."""
+
+    @property
+    def size(self) -> int:
+        return len(self.edges) - 1 if self.type == "numeric" else len(self.categories)
+
+
+class TableSchema(Config):
+    columns: list[TableColumn]
+
+    @property
+    def vocab_size(self) -> int:
+        last = self.columns[-1]
+        return last.offset + last.size
+
+    @property
+    def position_vocab(self) -> list[tuple[int, int]]:
+        """[start, end) of the tokens each position (column) may hold."""
+        return [(column.offset, column.offset + column.size) for column in self.columns]
 
 
 def encode(schema: TableSchema, table: dict[str, np.ndarray]) -> np.ndarray:

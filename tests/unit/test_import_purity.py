@@ -1,4 +1,4 @@
-"""The core modules (model, sampler, decoding, export, serving) import without the cluster stack."""
+"""The core modules (model, sampler, decoding, export, table tokens, serving) import without the cluster stack."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ CORE = [
     "biglearn.gan",
     "biglearn.panel",
     "biglearn.export",
+    "biglearn.data.table",
     "biglearn.serving",
     "biglearn.transforms",
     "biglearn.simulate",
