@@ -78,9 +78,9 @@ def complete(
         if per_row:
             draw_N = _row_uniforms(generator, remaining_BL)[remaining_BL]
             order_N = _row_uniforms(generator, remaining_BL)[remaining_BL]
-            sampled_N, prob_N = _sample(logits_NV, None, temperature, top_k, draw_N)
+            sampled_N, prob_N = sample_values(logits_NV, None, temperature, top_k, draw_N)
         else:
-            sampled_N, prob_N = _sample(logits_NV, generator, temperature, top_k)
+            sampled_N, prob_N = sample_values(logits_NV, generator, temperature, top_k)
         if order == "confidence":
             score_N = prob_N
         elif per_row:
@@ -115,7 +115,7 @@ def _row_uniforms(generators: Sequence[torch.Generator], like_BL: torch.Tensor) 
     return torch.stack([torch.rand(length, generator=g, device=g.device) for g in generators]).to(like_BL.device)
 
 
-def _sample(logits_NV, generator, temperature, top_k, uniform_N=None):
+def sample_values(logits_NV, generator, temperature, top_k, uniform_N=None):
     """Samples a value per row; also returns its probability under the untruncated, tempered
     distribution (the confidence: top-k truncation would flatten it, e.g. to 1.0 at top_k=1).
 

@@ -66,8 +66,8 @@ class Schedule(Config):
     """Which tasks training poses, how often, and how large S and T are.
 
     granularity='example' draws a task per example (one batch mixes tasks); 'batch' draws one
-    (S, T) for the whole batch and keeps it for `inner_steps` consecutive steps, the authors'
-    outer/inner-step habit.
+    (S, T) for the whole batch and keeps it for `inner_steps` consecutive optimizer steps (global
+    batches of `grad_accum` micro-batches each), the authors' outer/inner-step habit.
     """
 
     families: dict[Family, FamilySpec] = {

@@ -38,7 +38,8 @@ class Imputer(TransformerMixin, BaseEstimator):
     """Fills missing cells, draws multiple imputations and synthetic rows with one model.
 
     Args:
-        steps, batch_size, lr: training (optimizer steps, rows per step, peak learning rate).
+        steps, batch_size, lr: training (optimizer steps, rows per step (at most the rows given to
+            `fit`, so a small table trains with its defaults), peak learning rate).
         d_model, num_layers, num_heads: the transformer's size.
         bins: quantile bins per numeric column (fitted on the rows given to `fit`).
         categorical: columns holding numbers that are categories.
@@ -68,6 +69,8 @@ class Imputer(TransformerMixin, BaseEstimator):
         from biglearn.train.run import pretrain
 
         names, values, kinds = _table_of(X, list(self.categorical))
+        rows = len(next(iter(values.values()))) if values else 0
+        batch_size = max(self.workers, min(self.batch_size, rows // self.workers * self.workers))
         with tempfile.TemporaryDirectory(prefix="biglearn-imputer-") as scratch:
             source = TableSource("table", values, kinds, self.bins, {"rows": _digest(values)})
             write_source(source, f"{scratch}/data", name="table", validation_fraction=0.0, seed=self.seed,
@@ -76,7 +79,7 @@ class Imputer(TransformerMixin, BaseEstimator):
             settings = [
                 f"data.path={scratch}/data", "data.validation_split=train", f"run.storage={scratch}/runs", "run.name=imputer",
                 f"model.d_model={self.d_model}", f"model.num_layers={self.num_layers}", f"model.num_heads={self.num_heads}",
-                f"schedule.families={families}", f"optim.lr={self.lr}", f"optim.batch_size={self.batch_size}",
+                f"schedule.families={families}", f"optim.lr={self.lr}", f"optim.batch_size={batch_size}",
                 f"optim.warmup_steps={min(100, max(1, self.steps // 10))}", f"train.steps={self.steps}",
                 f"train.seed={self.seed}", f"train.log_every={max(1, self.steps // 10)}",
                 f"train.checkpoint_every={self.steps}", f"cluster.num_workers={self.workers}",

@@ -152,6 +152,51 @@ def write_bytes(uri: str, data: bytes) -> None:
                 out.write(data)
 
 
+def append_bytes(uri: str, data: bytes) -> None:
+    """Appends `data` to a local file (made if absent) in one write; object stores cannot append,
+    so an s3:// URI is a StorageError: write such files whole with `write_bytes`."""
+    if is_s3(uri):
+        raise StorageError(f"cannot append to {_shown(uri)}: object storage has no append; write the file whole")
+    fs, path = resolve(uri)
+    with storage_errors(uri):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        with fs.open_append_stream(path) as out:
+            out.write(data)
+
+
+def read_tagged(uri: str) -> tuple[bytes, str] | None:
+    """(bytes, ETag) of an s3:// object, or None where there is none: the tag for `write_if`."""
+    bucket, key = _bucket_and_key(uri)
+    import botocore.exceptions
+
+    with storage_errors(uri):
+        try:
+            found = _s3_client().get_object(Bucket=bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return found["Body"].read(), found["ETag"]
+
+
+def write_if(uri: str, data: bytes, tag: str | None) -> str | None:
+    """Writes an s3:// object only if it still has ETag `tag` (None: only if there is no object),
+    an atomic compare-and-swap; returns the new ETag, or None where another writer came first."""
+    bucket, key = _bucket_and_key(uri)
+    import botocore.exceptions
+
+    condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+    with storage_errors(uri):
+        try:
+            return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except botocore.exceptions.ClientError as exc:
+            # 412/409: the object changed or appeared; NoSuchKey: it was deleted since it was read.
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
+                                                             "NoSuchKey", "412", "409", "404"):
+                return None
+            raise
+
+
 def delete_file(uri: str) -> None:
     fs, path = resolve(uri)
     with storage_errors(uri):

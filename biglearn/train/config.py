@@ -71,6 +71,10 @@ class TrainConfig(Config):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPUs (DeepSpeed bf16) and on CPUs with native bf16 (autocast), else fp32."""
     faults: list[Fault] = []
+    tracker: Literal["none", "tensorboard"] = "none"
+    """tensorboard: rank 0 also writes each progress record as TensorBoard scalars into
+    <storage>/<name>/tensorboard/ (`tensorboard --logdir` that folder); a resumed run drops the
+    events after its checkpoint, as metrics.jsonl does."""
 
 
 class ClusterConfig(Config):

@@ -4,8 +4,9 @@ Each worker: builds its objective's engines (biglearn/train/steps.py), restores 
 checkpoint if the run has one, streams its Ray Data shard (biglearn/train/ingest.py), draws each
 micro-batch's tasks on its device, and trains. Every rank saves and reports each checkpoint
 (DeepSpeed saves are collectives); rank 0 adds the loop state (step, data position, metrics
-history) and, at the end, the servable export, and rewrites the run's metrics.jsonl at every
-progress line, so a stopped run keeps its history and a resumed one lists each step once.
+history) and, at the end, the servable export, and adds each progress line to the run's
+metrics.jsonl as it is logged; a resumed run first rewrites the file with the history of its
+checkpoint, so a stopped run keeps its history and a resumed one lists each step once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from biglearn.data.manifest import MISSING, Manifest
-from biglearn.data.storage import join, resolve, write_bytes
+from biglearn.data.storage import append_bytes, is_s3, join, resolve, write_bytes
 from biglearn.export import write_export
 from biglearn.roles import sample_roles, task_seed, without_missing
 from biglearn.train.config import Fault, PretrainConfig
@@ -49,7 +50,9 @@ def train_loop_per_worker(payload: dict) -> None:
         write_history(cfg, state["history"])  # drops the lines of steps after the restored checkpoint
     faults = FaultPlan(cfg, rank)
     accum = cfg.optim.grad_accum
-    progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name)
+    tensorboard_dir = join(join(cfg.run.storage, cfg.run.name), "tensorboard") if cfg.train.tracker == "tensorboard" else None
+    progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name,
+                        tensorboard_dir=tensorboard_dir)
     micro = 0  # micro-step within the optimizer step; checkpoints fall between optimizer steps
     for values in resumable_batches(cfg, manifest, state, device):
         step = state["step"] + 1
@@ -76,9 +79,10 @@ def train_loop_per_worker(payload: dict) -> None:
             trainer.annotate(record, state["history"])
             state["history"].append(record)
             if rank == 0:
-                write_history(cfg, state["history"])
+                write_history(cfg, state["history"], appended=True)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             save_checkpoint(trainer, state, cfg, manifest, rank, final=step == cfg.train.steps)
+    progress.close()
 
 
 def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.device, bool]:
@@ -93,9 +97,15 @@ def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.de
     return cfg, manifest, rank, device, on_gpu
 
 
-def write_history(cfg: PretrainConfig, history: list[dict]) -> None:
-    """The run's metrics.jsonl, one progress record a line (written whole: readers never see half)."""
-    write_bytes(join(join(cfg.run.storage, cfg.run.name), METRICS), "".join(json.dumps(r) + "\n" for r in history).encode())
+def write_history(cfg: PretrainConfig, history: list[dict], appended: bool = False) -> None:
+    """The run's metrics.jsonl, one progress record a line, written whole (readers never see
+    half of it); with `appended`, only the last record is added to a local file. Object stores
+    cannot append, so there the file is always written whole."""
+    uri = join(join(cfg.run.storage, cfg.run.name), METRICS)
+    if appended and not is_s3(uri):
+        append_bytes(uri, (json.dumps(history[-1]) + "\n").encode())
+    else:
+        write_bytes(uri, "".join(json.dumps(record) + "\n" for record in history).encode())
 
 
 def restored_state(cfg: PretrainConfig, rank: int, load: Callable[[Path], None]) -> dict:

@@ -5,10 +5,12 @@ them while pruning, so the driver holds a lease on `<storage>/<name>/` from its 
 its last:
 - on a local (or mounted) path, an exclusive `flock` on `<name>/.lease`: the kernel releases it
   when the holder exits, however it exits, so the successor of a killed run takes over at once;
-- in object storage, `<name>/_lease.json`, renewed by a thread every LEASE_TTL_S / 4 seconds:
-  another process takes it over once it is LEASE_TTL_S old (or at once when its holder is a
-  dead process on the same host). Object stores have no atomic create-if-absent here, so the
-  writer reads the lease back after a pause and the later of two writers wins.
+- in object storage, `<name>/_lease.json`, written by conditional PUTs (If-None-Match to create
+  it, If-Match on the ETag last seen to take over or renew it), so of two writers exactly one
+  wins. A thread renews it every LEASE_TTL_S / 4 seconds; another process takes it over once it
+  is LEASE_TTL_S old (or at once when its holder is a dead process on the same host). A holder
+  whose renewal finds the lease changed has lost it: the run fails when the lease is released,
+  saying so, rather than report success over a folder another run wrote into.
 Either way the file names the holder (host, pid, start time), and a refused run quotes it.
 
 A re-run under an existing name resumes the run, so it must train what the run trains: a config
@@ -26,14 +28,15 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from biglearn.data.storage import StorageError, delete_file, exists, is_s3, join, read_bytes, write_bytes
+from biglearn.data.storage import (StorageError, delete_file, exists, is_s3, join, read_bytes, read_tagged, write_bytes,
+                                   write_if)
+from biglearn.train.progress import log
 from biglearn.train.config import PretrainConfig
 
 LEASE_TTL_S = 60.0
-READ_BACK_PAUSE_S = 2.0
 CONFIG = "config.json"
 # Keys a resumed run may change freely: they decide how it is run, watched or scored, not what it learns.
-OPERATIONAL = ("eval", "train.faults", "train.log_every", "train.keep_checkpoints", "cluster.address",
+OPERATIONAL = ("eval", "train.faults", "train.log_every", "train.tracker", "train.keep_checkpoints", "cluster.address",
                "cluster.max_failures", "cluster.torch_threads", "cluster.use_gpu", "data.verify_max_bytes",
                "run.resume_with_changes")
 
@@ -52,6 +55,8 @@ class RunLease:
         self._file = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._tag: str | None = None  # ETag of the lease object as this holder last wrote it
+        self.lost_to: dict | None = None  # who took the lease over while this holder ran
 
     def __enter__(self) -> "RunLease":
         create_run_folder(self.run_uri)
@@ -67,7 +72,13 @@ class RunLease:
             self._renewer.join()
         if self._file is not None:
             self._file.close()  # releases the flock; the file stays, naming the last holder
-        elif self._read_object().get("token") == self.holder["token"]:
+            return
+        if self.lost_to is not None:
+            raise RunBusyError(
+                f"run folder {self.run_uri} was taken over while this run held it ({self._who(self.lost_to)}): its "
+                "renewals failed for longer than the lease lasts. Its checkpoints and export may be mixed with that "
+                "run's: check the folder, or run again under another run.name")
+        if self._read_object().get("token") == self.holder["token"]:
             delete_file(self._object_uri)
 
     # Local paths: flock.
@@ -98,23 +109,31 @@ class RunLease:
         return _parsed(read_bytes(self._object_uri).decode()) if exists(self._object_uri) else {}
 
     def _acquire_object(self) -> None:
-        current = self._read_object()
+        found = read_tagged(self._object_uri)
+        current = _parsed(found[0].decode()) if found else {}
         if current.get("token") and not self._expired(current):
             raise RunBusyError(self._busy_message(current))
-        self._write_object()
-        time.sleep(READ_BACK_PAUSE_S)
-        current = self._read_object()
-        if current.get("token") != self.holder["token"]:
-            raise RunBusyError(self._busy_message(current))
+        self._tag = write_if(self._object_uri, self._lease_body(), found[1] if found else None)
+        if self._tag is None:  # another process created or took over the lease since it was read
+            raise RunBusyError(self._busy_message(self._read_object()))
         self._renewer = threading.Thread(target=self._renew, name="biglearn-run-lease", daemon=True)
         self._renewer.start()
 
-    def _write_object(self) -> None:
-        write_bytes(self._object_uri, json.dumps({**self.holder, "renewed": time.time()}).encode())
+    def _lease_body(self) -> bytes:
+        return json.dumps({**self.holder, "renewed": time.time()}).encode()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
-            self._write_object()
+            try:
+                tag = write_if(self._object_uri, self._lease_body(), self._tag)
+            except StorageError as exc:  # a passing outage: the lease holds until its TTL runs out
+                log.warning(f"[biglearn] could not renew the lease on {self.run_uri}, retrying: {exc}")
+                continue
+            if tag is None:
+                self.lost_to = self._read_object()
+                log.error(f"[biglearn] lost the lease on {self.run_uri} to {self._who(self.lost_to)}")
+                return
+            self._tag = tag
 
     def _expired(self, holder: dict) -> bool:
         if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid", -1)):
@@ -122,11 +141,15 @@ class RunLease:
         return time.time() - holder.get("renewed", 0) > self.ttl_s
 
     def _busy_message(self, holder: dict) -> str:
-        who = ", ".join(f"{key} {value}" for key, value in self._shown(holder).items()) or "another process"
+        who = self._who(holder)
         stale = "" if not is_s3(self.run_uri) else (
             f" If that process is gone, its lease lapses {self.ttl_s:.0f} s after its last renewal; run again then.")
         return (f"run folder {self.run_uri} is in use by a run still going ({who}): two runs under one name would "
                 f"overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another run.name.{stale}")
+
+    @classmethod
+    def _who(cls, holder: dict) -> str:
+        return ", ".join(f"{key} {value}" for key, value in cls._shown(holder).items()) or "another process"
 
     @staticmethod
     def _shown(holder: dict) -> dict:

@@ -1,5 +1,6 @@
-"""What a person watching `ray job logs` sees (step/total, loss per task family, samples/s, ETA)
-and what Prometheus scrapes from rank 0's node (TRAIN_METRICS, via Ray's metrics agent)."""
+"""What a person watching `ray job logs` sees (step/total, loss per task family, samples/s, ETA),
+what Prometheus scrapes from rank 0's node (TRAIN_METRICS, via Ray's metrics agent) and, when
+asked, the same records as TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -24,11 +25,20 @@ TRAIN_METRICS = {
 
 
 class Progress:
+    """Progress of one run on one rank (`enabled` on rank 0 only); with `tensorboard_dir`, each
+    record is also written there as scalars (events of steps after `start_step` are dropped: a
+    resumed run logs them again)."""
+
     def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool, run: str = "",
-                 now=time.monotonic):
+                 now=time.monotonic, tensorboard_dir: str | None = None):
         self.total, self.batch_size, self.enabled, self.now = total_steps, batch_size, enabled, now
         self.last_step, self.last_time = start_step, now()
         self.gauges = _gauges(run) if enabled and run else None
+        self.tensorboard = None
+        if enabled and tensorboard_dir:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=start_step + 1 if start_step else None)
         if self.gauges:
             self.gauges["biglearn_train_total_steps"].set(total_steps)
             self.gauges["biglearn_train_step"].set(start_step)
@@ -62,7 +72,17 @@ class Progress:
             for name, value in [("biglearn_train_step", step), ("biglearn_train_loss", record["loss"]),
                                 ("biglearn_train_samples_per_second", samples_per_s), ("biglearn_train_learning_rate", lr)]:
                 self.gauges[name].set(value)
+        if self.tensorboard:
+            scalars = {"loss": record["loss"], "samples_per_s": samples_per_s, "lr": lr, **(extra or {}),
+                       **{f"loss_by_family/{name}": value for name, value in record["families"].items()}}
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, float(value), step)
+            self.tensorboard.flush()
         return record
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def _gauges(run: str) -> dict:

@@ -53,6 +53,10 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint_and_ends_as_an_unint
     assert logged_steps(outcome.run_folder) == list(range(1, 13))
     # ... and the restart saw the same weights, optimizer, tasks and data as the run without it.
     assert logged(outcome.run_folder, "loss") == logged(straight.run_folder, "loss")
+    # One task per global batch (both micro-batches, both ranks), held for inner_steps=2 steps.
+    families = [sorted(record) for record in logged(outcome.run_folder, "families")]
+    assert all(len(names) == 1 for names in families) and families[0::2] == families[1::2]
+    assert len({names[0] for names in families}) > 1, "the task changes between inner-step pairs"
     resumed, uninterrupted = (load_file(Path(run.export) / "model.safetensors") for run in (outcome, straight))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], weights) for name, weights in uninterrupted.items())
@@ -79,7 +83,7 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint_and_ends_as_an_unint
 
 
 def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(ray_cluster, digits, tmp_path, capsys):
-    failing = tiny(digits, tmp_path, "nan", "train.faults=[{kind: nan_loss, step: 10, rank: 0}]")
+    failing = tiny(digits, tmp_path, "nan", "train.faults=[{kind: nan_loss, step: 10, rank: 0}]", "train.tracker=tensorboard")
     with pytest.raises(PretrainError) as failure:
         pretrain(failing)
     message = str(failure.value)
@@ -88,15 +92,37 @@ def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(ray_cluster, digits,
     assert logged_steps(str(tmp_path / "nan")) == list(range(1, 10))
 
     # The same command again (same run name): resumes from step 8 instead of starting over.
-    outcome = pretrain(tiny(digits, tmp_path, "nan"))
+    outcome = pretrain(tiny(digits, tmp_path, "nan", "train.tracker=tensorboard"))
     assert outcome.summary["train"] == {"final_step": 12, "resumes": [8]}
     assert logged_steps(outcome.run_folder) == list(range(1, 13))
+    # TensorBoard got the same records: the failed attempt's steps 1-9, then the resumed one's
+    # 9-12 after a marker that tells TensorBoard to drop the first attempt's step 9.
+    attempts = [tensorboard_scalars(path) for path in sorted((tmp_path / "nan" / "tensorboard").iterdir())]
+    assert [sorted({step for tag, step in events if tag == "loss"}) for events in attempts] == [list(range(1, 10)), list(range(9, 13))]
+    assert {"loss", "lr", "samples_per_s"} <= {tag for tag, _ in attempts[0]}
+    assert any(tag.startswith("loss_by_family/") for tag, _ in attempts[0])
 
     # Once more, now that it is finished: the state comes from the final checkpoint (a fresh
     # start would show no resumes) and nothing is retrained.
     again = pretrain(tiny(digits, tmp_path, "nan"))
     assert again.summary["train"] == {"final_step": 12, "resumes": [8]}
     assert logged_steps(again.run_folder) == list(range(1, 13))
+
+
+def tensorboard_scalars(path: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every scalar in a TensorBoard event file (TFRecord framing: length, CRC,
+    an Event message, CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, offset, scalars = path.read_bytes(), 0, []
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = Event.FromString(data[offset + 12 : offset + 12 + length])
+        scalars += [(value.tag, event.step) for value in event.summary.value]
+        offset += 12 + length + 4
+    return scalars
 
 
 def test_micro_batches_cut_from_larger_ray_data_batches(ray_cluster):

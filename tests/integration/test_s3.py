@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,19 +147,18 @@ def list_files_as(s3, bucket: str) -> list[str]:
     return [item["Key"] for item in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
 
 
-def test_a_run_in_object_storage_is_leased_to_one_process_and_a_lapsed_lease_is_taken_over(s3_server, monkeypatch):
-    import biglearn.train.ownership as ownership
+def test_a_run_in_object_storage_is_leased_to_one_process_and_a_lapsed_lease_is_taken_over(s3_server):
     from biglearn.train.ownership import RunBusyError, RunLease
 
-    monkeypatch.setattr(ownership, "READ_BACK_PAUSE_S", 0.1)
     run = f"s3://{s3_server.create_bucket('leases')}/runs/G"
     lease_key = "runs/G/_lease.json"
-    with RunLease(run, ttl_s=0.4) as first:
+    with RunLease(run, ttl_s=2) as first:
         holder = json.loads(read_bytes(f"{run}/_lease.json"))
         assert holder["pid"] == os.getpid() and holder["token"] == first.holder["token"]
-        time.sleep(0.5)  # renewed every ttl/4: still fresh
+        time.sleep(2.5)  # past the TTL, renewed every ttl/4: still fresh
+        assert json.loads(read_bytes(f"{run}/_lease.json"))["renewed"] > holder["renewed"]
         with pytest.raises(RunBusyError, match=rf"run folder {run} is in use .*pid {os.getpid()}"):
-            with RunLease(run, ttl_s=0.4):
+            with RunLease(run, ttl_s=2):
                 pass
     assert lease_key not in {o["Key"] for o in s3_server.client().list_objects_v2(Bucket="leases").get("Contents", [])}
 
@@ -171,3 +171,33 @@ def test_a_run_in_object_storage_is_leased_to_one_process_and_a_lapsed_lease_is_
     s3_server.client().put_object(Bucket="leases", Key=lease_key, Body=json.dumps({**lapsed, "renewed": 0}).encode())
     with RunLease(run, ttl_s=30) as successor:
         assert json.loads(read_bytes(f"{run}/_lease.json"))["token"] == successor.holder["token"]
+
+    # Two processes starting at once: the conditional write lets exactly one of them in.
+    for _ in range(3):
+        outcomes, start = [], threading.Barrier(2)
+
+        def contend():
+            start.wait()
+            try:
+                with RunLease(run, ttl_s=30):
+                    time.sleep(0.5)
+                outcomes.append("held")
+            except RunBusyError:
+                outcomes.append("refused")
+
+        racers = [threading.Thread(target=contend) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join()
+        assert sorted(outcomes) == ["held", "refused"]
+
+    # A holder whose lease another process overwrote stops renewing it and fails on release.
+    with pytest.raises(RunBusyError, match="was taken over while this run held it .*host elsewhere"):
+        with RunLease(run, ttl_s=0.4) as holder:
+            s3_server.client().put_object(Bucket="leases", Key=lease_key, Body=json.dumps(lapsed).encode())
+            deadline = time.monotonic() + 10
+            while holder.lost_to is None and time.monotonic() < deadline:  # the next renewal finds it
+                time.sleep(0.05)
+            assert holder.lost_to["host"] == "elsewhere"
+    assert json.loads(read_bytes(f"{run}/_lease.json"))["host"] == "elsewhere", "the other holder's lease is kept"

@@ -301,14 +301,14 @@ def test_packing_absent_positions_keeps_a_rows_logits_whatever_the_other_rows(se
 
 
 def test_inverse_cdf_sampling_follows_the_distribution():
-    from biglearn.generation import _sample
+    from biglearn.generation import sample_values
 
     logits_NV = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(20000, -1)
     uniform_N = torch.rand(20000, generator=torch.Generator().manual_seed(0))
-    sampled_N, _ = _sample(logits_NV, None, 1.0, None, uniform_N)
+    sampled_N, _ = sample_values(logits_NV, None, 1.0, None, uniform_N)
     freq = torch.bincount(sampled_N, minlength=4).float() / 20000
     assert torch.allclose(freq, logits_NV[0].softmax(-1), atol=0.01)
-    sampled_N, _ = _sample(logits_NV, None, 1.0, 2, torch.full((20000,), 0.999999999))
+    sampled_N, _ = sample_values(logits_NV, None, 1.0, 2, torch.full((20000,), 0.999999999))
     assert set(sampled_N.tolist()) <= {1, 2}, "top-k: never a value outside the top k"
 
 
