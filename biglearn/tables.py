@@ -12,8 +12,9 @@ any pattern of missing cells (T = the missing cells, S = the observed ones), dra
 (S = {}) and answer with some columns fixed. `fit` converts the table (biglearn/data/table.py)
 and trains through `jobs/pretrain.py`'s own path (Ray Train + DeepSpeed, a local Ray unless
 RAY_ADDRESS names a cluster); `load` also takes an export trained on a table by
-`jobs/pretrain.py`. Point estimates are means over draws (numeric) or the most frequent value
-(categorical, boolean).
+`jobs/pretrain.py`. `transform`'s point estimates are expectations under the model's
+distribution of each missing cell given the row's observed ones: the mean for numbers, the most
+probable value otherwise.
 
 Legend: N = rows, L = columns, K = draws.
 """
@@ -29,7 +30,7 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from biglearn.data.manifest import MISSING, DatasetError, Manifest, TableSchema
-from biglearn.data.table import decode, encode, point_estimate
+from biglearn.data.table import decode, encode, expected_cells
 from biglearn.generation import complete
 from biglearn.roles import SOURCE, TARGET
 
@@ -43,7 +44,6 @@ class Imputer(TransformerMixin, BaseEstimator):
         d_model, num_layers, num_heads: the transformer's size.
         bins: quantile bins per numeric column (fitted on the rows given to `fit`).
         categorical: columns holding numbers that are categories.
-        draws: completions averaged by `transform` (mean or most frequent value per cell).
         decode_steps: decoding steps per completion (each reveals a share of the targets).
         seed: training and sampling seed.
         workers: Ray Train workers.
@@ -51,10 +51,10 @@ class Imputer(TransformerMixin, BaseEstimator):
 
     def __init__(self, steps: int = 1000, batch_size: int = 128, lr: float = 1e-3, d_model: int = 128,
                  num_layers: int = 4, num_heads: int = 4, bins: int = 32, categorical: tuple[str, ...] = (),
-                 draws: int = 8, decode_steps: int = 4, seed: int = 0, workers: int = 1):
+                 decode_steps: int = 4, seed: int = 0, workers: int = 1):
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
         self.d_model, self.num_layers, self.num_heads = d_model, num_layers, num_heads
-        self.bins, self.categorical, self.draws, self.decode_steps = bins, categorical, draws, decode_steps
+        self.bins, self.categorical, self.decode_steps = bins, categorical, decode_steps
         self.seed, self.workers = seed, workers
 
     # --- training ------------------------------------------------------------------------------
@@ -102,10 +102,20 @@ class Imputer(TransformerMixin, BaseEstimator):
     # --- use -----------------------------------------------------------------------------------
 
     def transform(self, X):
-        """X with every missing cell filled: the mean of `draws` completions (numeric) or their
-        most frequent value; observed cells unchanged. Same type as X."""
-        draws = self._completions(X, self.draws)
-        return _like(X, list(self.feature_names_in_), point_estimate(self.schema_, draws))
+        """X with every missing cell filled by its expected value (numeric) or most probable value
+        under the model's p(cell | the row's observed cells), read from one pass of the model
+        (no sampling noise); observed cells unchanged. Same type as X."""
+        cells = self._read(X)
+        tokens_NL = encode(self.schema_, cells)
+        given_NL = tokens_NL != MISSING
+        values_NL = torch.from_numpy(tokens_NL).long().clamp(min=0)
+        roles_NL = torch.where(torch.from_numpy(given_NL), SOURCE, TARGET).to(torch.int8)
+        with torch.no_grad():
+            probs_NLV = self.model_(values_NL, roles_NL).float().softmax(-1).numpy()
+        estimate = expected_cells(self.schema_, probs_NLV)
+        filled = {name: np.where(given_NL[:, index], cells[name], estimate[name]).astype(estimate[name].dtype)
+                  for index, name in enumerate(estimate)}
+        return _like(X, list(self.feature_names_in_), filled)
 
     def sample_imputations(self, X, n_draws: int) -> list:
         """`n_draws` completions of X (multiple imputation), each the same type as X."""
@@ -126,12 +136,16 @@ class Imputer(TransformerMixin, BaseEstimator):
         return self._fill(cells, 1, self.seed if seed is None else seed)[0]
 
     def _completions(self, X, count: int) -> list[dict[str, np.ndarray]]:
+        return self._fill(self._read(X), count, self.seed)
+
+    def _read(self, X) -> dict[str, np.ndarray]:
+        """{column: values} of X, checked against the columns the imputer was fitted on."""
         self._check_fitted()
         names, values, _ = _table_of(X, list(self.categorical), fitted=self)
         if names != list(self.feature_names_in_):
             raise ValueError(f"X has columns {names}; the imputer was fitted on {list(self.feature_names_in_)} "
                              "(same names, same order)")
-        return self._fill(values, count, self.seed)
+        return values
 
     def _fill(self, cells: dict[str, np.ndarray], count: int, seed: int) -> list[dict[str, np.ndarray]]:
         """`count` completions of the missing cells of `cells` ({column: values}); the others as given."""

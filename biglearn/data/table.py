@@ -83,6 +83,23 @@ def point_estimate(schema: TableSchema, draws: list[dict[str, np.ndarray]]) -> d
     return estimate
 
 
+def expected_cells(schema: TableSchema, probs_NLV: np.ndarray) -> dict[str, np.ndarray]:
+    """One value per cell from the model's distribution of each cell [N, L, V] (each position's
+    probabilities over its own column's tokens): the expected value for numeric columns (a bin
+    counts at its midpoint, the mean of values drawn within it), the most probable value for the
+    others. These minimise the expected squared error and the expected error rate."""
+    estimate = {}
+    for index, column in enumerate(schema.columns):
+        probs_NC = probs_NLV[:, index, column.offset : column.offset + column.size]
+        if column.type == "numeric":
+            edges = np.asarray(column.edges)
+            estimate[column.name] = probs_NC @ ((edges[:-1] + edges[1:]) / 2) / probs_NC.sum(1)
+        else:
+            tokens = column.offset + probs_NC.argmax(1)
+            estimate[column.name] = _decode_column(column, tokens, np.random.default_rng(0))
+    return estimate
+
+
 def fit_schema(table: dict[str, np.ndarray], kinds: dict[str, str], train_rows: np.ndarray, bins: PositiveInt) -> TableSchema:
     """The schema of `table` ({column: values, floats with NaN or objects with None where
     missing}) whose columns are of `kinds` (numeric, categorical or boolean): bins from the rows

@@ -53,36 +53,38 @@ def train_loop_per_worker(payload: dict) -> None:
     tensorboard_dir = join(join(cfg.run.storage, cfg.run.name), "tensorboard") if cfg.train.tracker == "tensorboard" else None
     progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name,
                         tensorboard_dir=tensorboard_dir)
-    micro = 0  # micro-step within the optimizer step; checkpoints fall between optimizer steps
-    for values in resumable_batches(cfg, manifest, state, device):
-        step = state["step"] + 1
-        if micro == 0:
-            faults.before_step(step)
-        task_generator = seeded_generator(device, task_seed(cfg.train.seed, step, rank, cfg.schedule, micro, accum))
-        roles_BL, family_B = sample_roles(cfg.schedule, len(values), manifest.length, task_generator, manifest.grid)
-        if manifest.table is not None:
-            roles_BL = without_missing(roles_BL, values != MISSING, task_generator)
+    try:
+        micro = 0  # micro-step within the optimizer step; checkpoints fall between optimizer steps
+        for values in resumable_batches(cfg, manifest, state, device):
+            step = state["step"] + 1
+            if micro == 0:
+                faults.before_step(step)
+            task_generator = seeded_generator(device, task_seed(cfg.train.seed, step, rank, cfg.schedule, micro, accum))
+            roles_BL, family_B = sample_roles(cfg.schedule, len(values), manifest.length, task_generator, manifest.grid)
+            if manifest.table is not None:
+                roles_BL = without_missing(roles_BL, values != MISSING, task_generator)
 
-        def guard(loss: torch.Tensor) -> torch.Tensor:
-            loss = faults.poisoned(loss, step)
-            check_finite(loss, state, step, rank)
-            return loss
+            def guard(loss: torch.Tensor) -> torch.Tensor:
+                loss = faults.poisoned(loss, step)
+                check_finite(loss, state, step, rank)
+                return loss
 
-        trainer.micro_step(values, roles_BL, family_B, task_generator, step, micro, guard)
-        micro = (micro + 1) % accum
-        if micro:
-            continue
-        state["step"] = step
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            stats_F2, extra = trainer.take_window()
-            record = progress.log(step, stats_F2, trainer.learning_rate(), extra)
-            trainer.annotate(record, state["history"])
-            state["history"].append(record)
-            if rank == 0:
-                write_history(cfg, state["history"], appended=True)
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            save_checkpoint(trainer, state, cfg, manifest, rank, final=step == cfg.train.steps)
-    progress.close()
+            trainer.micro_step(values, roles_BL, family_B, task_generator, step, micro, guard)
+            micro = (micro + 1) % accum
+            if micro:
+                continue
+            state["step"] = step
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                stats_F2, extra = trainer.take_window()
+                record = progress.log(step, stats_F2, trainer.learning_rate(), extra)
+                trainer.annotate(record, state["history"])
+                state["history"].append(record)
+                if rank == 0:
+                    write_history(cfg, state["history"], appended=True)
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                save_checkpoint(trainer, state, cfg, manifest, rank, final=step == cfg.train.steps)
+    finally:
+        progress.close()  # TensorBoard's writer drains its queue: a failed run keeps its last records too
 
 
 def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.device, bool]:

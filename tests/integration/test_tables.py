@@ -19,7 +19,7 @@ def test_one_model_imputes_every_pattern_and_samples_given_columns(ray_cluster, 
     rng = np.random.default_rng(0)
     hidden = rng.random(truth.shape) < 0.2
     observed = truth.mask(hidden)
-    imputer = Imputer(steps=300, batch_size=32, lr=3e-3, d_model=64, num_layers=2, num_heads=2, bins=16, draws=8)
+    imputer = Imputer(steps=300, batch_size=32, lr=3e-3, d_model=64, num_layers=2, num_heads=2, bins=16)
     assert imputer.fit(observed) is imputer
 
     filled = imputer.transform(observed)

@@ -52,7 +52,7 @@ def test_scikit_learn_conventions():
 
 def test_transform_fills_missing_cells_only_and_keeps_the_input_type(tmp_path):
     data = frame()
-    imputer = untrained(data, draws=3)
+    imputer = untrained(data)
     filled = imputer.transform(data)
     assert isinstance(filled, pd.DataFrame) and list(filled.columns) == list(data.columns) and (filled.index == data.index).all()
     assert not filled.isna().any().any()

@@ -14,7 +14,7 @@ import torch
 
 from biglearn.data.manifest import MISSING, DatasetError, read_manifest, read_split, verify_shards
 from biglearn.data.prepare import PrepareConfig, prepare_dataset
-from biglearn.data.table import decode, encode, fit_schema
+from biglearn.data.table import decode, encode, expected_cells, fit_schema
 from biglearn.generation import complete
 from biglearn.model import OUTSIDE_LOGIT, ModelConfig, ModelSpec, UniversalTransformer
 from biglearn.roles import ABSENT, TARGET, Schedule, sample_roles, without_missing
@@ -169,3 +169,16 @@ def test_each_position_emits_only_its_own_columns_values():
         assert ((samples[:, position] >= start) & (samples[:, position] < end)).all()
     with pytest.raises(ValueError, match="position_vocab"):
         ModelSpec(model=spec.model, length=3, vocab_size=9, position_vocab=[(0, 3), (3, 10), (4, 9)])
+
+
+def test_point_estimates_are_the_expected_number_and_the_most_probable_category():
+    schema = fit_schema({"x": np.array([0.0, 1.0, 2.0, 4.0]), "c": np.array(["a", "b", "b", "a"], dtype=object)},
+                        {"x": "numeric", "c": "categorical"}, np.arange(4), 3)
+    x, c = schema.columns
+    probs_NLV = np.zeros((2, 2, schema.vocab_size))
+    probs_NLV[0, 0, x.offset : x.offset + x.size] = [0.5, 0.5, 0.0]  # bins [0, 1), [1, 2), [2, 4]
+    probs_NLV[1, 0, x.offset + 2] = 1.0
+    probs_NLV[:, 1, c.offset : c.offset + 2] = [[0.3, 0.7], [0.6, 0.4]]
+    estimate = expected_cells(schema, probs_NLV)
+    assert x.edges == [0.0, 1.0, 2.0, 4.0]
+    assert np.allclose(estimate["x"], [0.5 * 0.5 + 0.5 * 1.5, 3.0]) and list(estimate["c"]) == ["b", "a"]
