@@ -2,15 +2,16 @@
 
 Per table (scikit-learn's bundled iris, wine, diabetes, breast_cancer, and any CSV named with
 --csv): rows split 70/30; every method fits on the same complete training rows and fills the
-held-out rows under each mask (MCAR 20%, MCAR 50%, MAR, MNAR). One biglearn model per table,
-fitted once on the training rows, serves every mask. Baselines: scikit-learn's
-mean/most-frequent, KNN (on standardised columns), IterativeImputer (BayesianRidge) and a MissForest-style
-IterativeImputer with random forests, each given every chance: it runs fit_transform on the
-training rows together with the masked held-out rows, once per mask (IterativeImputer fitted
-on complete rows alone runs a single round of chained equations when it transforms, and imputes
-worse). Categorical cells enter them as ordinal codes and come back rounded to the nearest code.
-Measures: NRMSE over the masked numeric cells in units of the training standard deviation,
-accuracy over masked categorical cells, seconds to fit (baselines: mean over the masks).
+held-out rows under each mask (MCAR 20%, MCAR 50%, MAR, MNAR), each drawn --repeats times.
+One biglearn model per table, fitted once on the training rows, serves every mask. Baselines:
+scikit-learn's mean/most-frequent, KNN (on standardised columns), IterativeImputer
+(BayesianRidge) and a MissForest-style IterativeImputer with random forests, each given every
+chance: it runs fit_transform on the training rows together with the masked held-out rows,
+once per mask (IterativeImputer fitted on complete rows alone runs a single round of chained
+equations when it transforms, and imputes worse). Categorical cells enter them as ordinal codes
+and come back rounded to the nearest code. Measures, averaged over the draws of each mask:
+NRMSE over the masked numeric cells in units of the training standard deviation, accuracy over
+masked categorical cells; seconds to fit (baselines: mean over the masks).
 
 Synthesis (--synthesis): as many synthetic rows as training rows, from biglearn (the joint,
 no column given), SDV's CTGAN and TVAE when `sdv` imports, and an independent-columns sampler
@@ -18,8 +19,7 @@ no column given), SDV's CTGAN and TVAE when `sdv` imports, and an independent-co
 training rows stand beside them as the reference. Every set is scored against the held-out rows,
 which no synthesizer saw (against the training rows, a copy of them would be rewarded). Measures:
 detection AUC of a random forest told to separate the held-out rows from the rows scored
-(5-fold; 0.5 is indistinguishable),
-mean per-column distance (Kolmogorov-Smirnov for numbers, total variation for categories) and
+(5-fold; 0.5 is indistinguishable), mean per-column distance (Kolmogorov-Smirnov for numbers, total variation for categories) and
 the mean absolute difference of the correlation matrices (numbers standardised, categories
 one-hot).
 
@@ -208,20 +208,24 @@ def run_table(name: str, frame: pd.DataFrame, categorical: list[str], args) -> N
     coded = Coded(train, categorical)
     makers = baselines([frame.columns.get_loc(c) for c in categorical], args.seed)
 
-    results = {}
+    draws = {}  # (mask kind, method) -> [(NRMSE, accuracy) per draw of the mask]
     for kind in MASKS:
-        mask = make_mask(test, numeric, kind, np.random.default_rng(args.seed + 1))
-        observed = test.astype(object).mask(mask)
-        for c in numeric:
-            observed[c] = observed[c].astype(float)
-        results[kind, "biglearn"] = scores(model.transform(observed), test, mask, numeric, std)
-        rows = np.vstack([coded.to_array(train), coded.to_array(observed)])
-        for method, make in makers.items():
-            start = time.perf_counter()
-            filled = coded.to_frame(make().fit_transform(rows)[len(train):], test)
-            fit_seconds.setdefault(method, []).append(time.perf_counter() - start)
-            results[kind, method] = scores(filled, test, mask, numeric, std)
-        print(f"  {kind}: {mask.mean():.0%} of held-out cells missing", flush=True)
+        missing = []
+        for repeat in range(args.repeats):
+            mask = make_mask(test, numeric, kind, np.random.default_rng(args.seed + 1 + repeat))
+            missing.append(mask.mean())
+            observed = test.astype(object).mask(mask)
+            for c in numeric:
+                observed[c] = observed[c].astype(float)
+            draws.setdefault((kind, "biglearn"), []).append(scores(model.transform(observed), test, mask, numeric, std))
+            rows = np.vstack([coded.to_array(train), coded.to_array(observed)])
+            for method, make in makers.items():
+                start = time.perf_counter()
+                filled = coded.to_frame(make().fit_transform(rows)[len(train):], test)
+                fit_seconds.setdefault(method, []).append(time.perf_counter() - start)
+                draws.setdefault((kind, method), []).append(scores(filled, test, mask, numeric, std))
+        print(f"  {kind}: {np.mean(missing):.0%} of held-out cells missing ({args.repeats} draws)", flush=True)
+    results = {key: tuple(np.mean(values, 0)) for key, values in draws.items()}
     fit_seconds = {method: float(np.mean(seconds)) for method, seconds in fit_seconds.items()}
 
     methods = ["biglearn", *makers]
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--csv", nargs="*", default=[], help="CSV files to add (text columns are categorical)")
     p.add_argument("--categorical", nargs="*", default=[], help="CSV columns of numbers that are categories")
     p.add_argument("--steps", type=int, default=1000, help="biglearn's training steps per table")
+    p.add_argument("--repeats", type=int, default=5, help="draws of each mask (scores are their means)")
     p.add_argument("--imputer", nargs="*", default=[], metavar="KEY=VALUE", help="other Imputer settings, e.g. bins=16")
     p.add_argument("--synthesis", action="store_true", help="also score synthetic rows")
     p.add_argument("--seed", type=int, default=0)

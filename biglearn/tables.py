@@ -41,8 +41,11 @@ class Imputer(TransformerMixin, BaseEstimator):
     Args:
         steps, batch_size, lr: training (optimizer steps, rows per step (at most the rows given to
             `fit`, so a small table trains with its defaults), peak learning rate).
-        d_model, num_layers, num_heads: the transformer's size.
-        bins: quantile bins per numeric column (fitted on the rows given to `fit`).
+        d_model, num_layers, num_heads: the transformer's size; dropout: its dropout rate (small
+            tables are seen hundreds of times over in training).
+        bins: quantile bins per numeric column (fitted on the rows given to `fit`); few bins suit
+            tables of hundreds of rows (each bin's probability is learned from its rows), more
+            bins large tables.
         categorical: columns holding numbers that are categories.
         decode_steps: decoding steps per completion (each reveals a share of the targets).
         seed: training and sampling seed.
@@ -50,10 +53,11 @@ class Imputer(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, steps: int = 1000, batch_size: int = 128, lr: float = 1e-3, d_model: int = 128,
-                 num_layers: int = 4, num_heads: int = 4, bins: int = 32, categorical: tuple[str, ...] = (),
+                 num_layers: int = 4, num_heads: int = 4, dropout: float = 0.1, bins: int = 8,
+                 categorical: tuple[str, ...] = (),
                  decode_steps: int = 4, seed: int = 0, workers: int = 1):
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
-        self.d_model, self.num_layers, self.num_heads = d_model, num_layers, num_heads
+        self.d_model, self.num_layers, self.num_heads, self.dropout = d_model, num_layers, num_heads, dropout
         self.bins, self.categorical, self.decode_steps = bins, categorical, decode_steps
         self.seed, self.workers = seed, workers
 
@@ -79,6 +83,7 @@ class Imputer(TransformerMixin, BaseEstimator):
             settings = [
                 f"data.path={scratch}/data", "data.validation_split=train", f"run.storage={scratch}/runs", "run.name=imputer",
                 f"model.d_model={self.d_model}", f"model.num_layers={self.num_layers}", f"model.num_heads={self.num_heads}",
+                f"model.dropout={self.dropout}",
                 f"schedule.families={families}", f"optim.lr={self.lr}", f"optim.batch_size={batch_size}",
                 f"optim.warmup_steps={min(100, max(1, self.steps // 10))}", f"train.steps={self.steps}",
                 f"train.seed={self.seed}", f"train.log_every={max(1, self.steps // 10)}",

@@ -133,3 +133,20 @@ def test_deepspeed_ops_are_built_and_found_in_this_environment(monkeypatch):
     assert os.environ["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
     assert use_environment_extension_cache() == "/elsewhere"
+
+
+def test_a_process_launched_from_elsewhere_reuses_the_op_make_setup_built(tmp_path):
+    """The op built by `make setup` is loaded, not rebuilt, by a process started in another folder
+    with another environment (as a `ray job submit` entry point or a Ray worker is)."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    built = glob.glob(os.path.join(sys.prefix, "torch_extensions", "*", "*.so"))
+    assert built, "make setup builds DeepSpeed's CPU op into the environment's torch_extensions"
+    before = {path: os.stat(path).st_mtime_ns for path in built}
+    env = {key: value for key, value in os.environ.items() if key != "TORCH_EXTENSIONS_DIR"}
+    subprocess.run([sys.executable, "-c", "from biglearn.train.engine import build_deepspeed_ops; build_deepspeed_ops()"],
+                   cwd=tmp_path, env={**env, "HOME": str(tmp_path)}, check=True, capture_output=True, timeout=300)
+    assert {path: os.stat(path).st_mtime_ns for path in built} == before
