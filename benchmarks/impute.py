@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import yaml
 from sklearn import datasets
 from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 from sklearn.experimental import enable_iterative_imputer  # noqa: F401  (registers IterativeImputer)
@@ -202,7 +203,7 @@ def run_table(name: str, frame: pd.DataFrame, categorical: list[str], args) -> N
           f"{len(categorical)} categorical columns", flush=True)
 
     start = time.perf_counter()
-    settings = {key: type(getattr(Imputer(), key))(value) for key, value in (item.split("=", 1) for item in args.imputer)}
+    settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.imputer)}
     model = Imputer(**{"steps": args.steps, **settings}, categorical=tuple(categorical), seed=args.seed).fit(train)
     fit_seconds = {"biglearn": [time.perf_counter() - start]}
     coded = Coded(train, categorical)
@@ -225,7 +226,7 @@ def run_table(name: str, frame: pd.DataFrame, categorical: list[str], args) -> N
                 fit_seconds.setdefault(method, []).append(time.perf_counter() - start)
                 draws.setdefault((kind, method), []).append(scores(filled, test, mask, numeric, std))
         print(f"  {kind}: {np.mean(missing):.0%} of held-out cells missing ({args.repeats} draws)", flush=True)
-    results = {key: tuple(np.mean(values, 0)) for key, values in draws.items()}
+    results = {key: tuple(np.nanmean(values, 0)) for key, values in draws.items()}
     fit_seconds = {method: float(np.mean(seconds)) for method, seconds in fit_seconds.items()}
 
     methods = ["biglearn", *makers]

@@ -34,6 +34,8 @@ from biglearn.data.table import decode, encode, expected_cells
 from biglearn.generation import complete
 from biglearn.roles import SOURCE, TARGET
 
+TRANSFORM_ROWS = 4096  # rows per model call in `transform`: memory stays flat for any X
+
 
 class Imputer(TransformerMixin, BaseEstimator):
     """Fills missing cells, draws multiple imputations and synthetic rows with one model.
@@ -111,16 +113,11 @@ class Imputer(TransformerMixin, BaseEstimator):
         under the model's p(cell | the row's observed cells), read from one pass of the model
         (no sampling noise); observed cells unchanged. Same type as X."""
         cells = self._read(X)
-        tokens_NL = encode(self.schema_, cells)
-        given_NL = tokens_NL != MISSING
-        values_NL = torch.from_numpy(tokens_NL).long().clamp(min=0)
-        roles_NL = torch.where(torch.from_numpy(given_NL), SOURCE, TARGET).to(torch.int8)
+        values_NL, roles_NL, given_NL = self._tasks(cells)
         with torch.no_grad():
-            probs_NLV = self.model_(values_NL, roles_NL).float().softmax(-1).numpy()
-        estimate = expected_cells(self.schema_, probs_NLV)
-        filled = {name: np.where(given_NL[:, index], cells[name], estimate[name]).astype(estimate[name].dtype)
-                  for index, name in enumerate(estimate)}
-        return _like(X, list(self.feature_names_in_), filled)
+            logits_NLV = torch.cat([self.model_(values_NL[rows], roles_NL[rows]).float()
+                                    for rows in torch.arange(len(values_NL)).split(TRANSFORM_ROWS)]).numpy()
+        return _like(X, list(self.feature_names_in_), _kept(cells, given_NL, expected_cells(self.schema_, logits_NLV)))
 
     def sample_imputations(self, X, n_draws: int) -> list:
         """`n_draws` completions of X (multiple imputation), each the same type as X."""
@@ -154,20 +151,23 @@ class Imputer(TransformerMixin, BaseEstimator):
 
     def _fill(self, cells: dict[str, np.ndarray], count: int, seed: int) -> list[dict[str, np.ndarray]]:
         """`count` completions of the missing cells of `cells` ({column: values}); the others as given."""
-        tokens_NL = encode(self.schema_, cells)
-        given_NL = tokens_NL != MISSING
-        values_NL = torch.from_numpy(tokens_NL).long()
-        roles_NL = torch.where(values_NL == MISSING, TARGET, SOURCE).to(torch.int8)
+        values_NL, roles_NL, given_NL = self._tasks(cells)
         rng = np.random.default_rng(seed)
         out = []
         with torch.no_grad():
             for draw in range(count):
                 generator = torch.Generator().manual_seed(seed * 1000 + draw)
                 filled = complete(self.model_, values_NL, roles_NL, generator, steps=self.decode_steps).numpy()
-                drawn = decode(self.schema_, filled.astype(np.int32), rng)
-                out.append({name: np.where(given_NL[:, index], cells[name], drawn[name]).astype(drawn[name].dtype)
-                            for index, name in enumerate(drawn)})
+                out.append(_kept(cells, given_NL, decode(self.schema_, filled.astype(np.int32), rng)))
         return out
+
+    def _tasks(self, cells: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(tokens_NL, roles_NL, given_NL) of {column: values}: observed cells are sources, missing
+        ones targets (their MISSING placeholder is never read)."""
+        tokens_NL = encode(self.schema_, cells)
+        given_NL = tokens_NL != MISSING
+        roles_NL = torch.where(torch.from_numpy(given_NL), SOURCE, TARGET).to(torch.int8)
+        return torch.from_numpy(tokens_NL).long(), roles_NL, given_NL
 
     # --- persistence ---------------------------------------------------------------------------
 
@@ -187,6 +187,7 @@ class Imputer(TransformerMixin, BaseEstimator):
         model, _ = load_export(Path(path))
         manifest = Manifest.model_validate(json.loads((Path(path) / "manifest.json").read_text()))
         saved = json.loads((Path(path) / "config.json").read_text()).get("imputer", {})
+        saved = {key: value for key, value in saved.items() if key in cls._get_param_names()}  # settings since retired
         if "categorical" in saved:
             saved["categorical"] = tuple(saved["categorical"])  # JSON made it a list
         imputer = cls(**{**saved, **settings})
@@ -196,6 +197,12 @@ class Imputer(TransformerMixin, BaseEstimator):
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
             raise ValueError("this Imputer is not fitted yet: call fit(X) or Imputer.load(path) first")
+
+
+def _kept(cells: dict[str, np.ndarray], given_NL: np.ndarray, filled: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`filled` with the given cells of `cells` put back exactly as they came."""
+    return {name: np.where(given_NL[:, index], cells[name], filled[name]).astype(filled[name].dtype)
+            for index, name in enumerate(filled)}
 
 
 def _table_of(X, categorical: list[str], fitted: Imputer | None = None) -> tuple[list[str], dict, dict]:

@@ -190,7 +190,8 @@ def write_if(uri: str, data: bytes, tag: str | None) -> str | None:
         try:
             return _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
         except botocore.exceptions.ClientError as exc:
-            # 412/409: the object changed or appeared; NoSuchKey: it was deleted since it was read.
+            # 412: the object changed or appeared; 409: a concurrent write to it won; NoSuchKey: it
+            # was deleted since it was read.
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict",
                                                              "NoSuchKey", "412", "409", "404"):
                 return None

@@ -83,19 +83,20 @@ def point_estimate(schema: TableSchema, draws: list[dict[str, np.ndarray]]) -> d
     return estimate
 
 
-def expected_cells(schema: TableSchema, probs_NLV: np.ndarray) -> dict[str, np.ndarray]:
-    """One value per cell from the model's distribution of each cell [N, L, V] (each position's
-    probabilities over its own column's tokens): the expected value for numeric columns (a bin
-    counts at its midpoint, the mean of values drawn within it), the most probable value for the
+def expected_cells(schema: TableSchema, logits_NLV: np.ndarray) -> dict[str, np.ndarray]:
+    """One value per cell from the model's logits of each cell [N, L, V] (each position's
+    distribution over its own column's tokens): the expected value for numeric columns (a bin
+    counts at the mean of the values `decode` draws within it), the most probable value for the
     others. These minimise the expected squared error and the expected error rate."""
     estimate = {}
     for index, column in enumerate(schema.columns):
-        probs_NC = probs_NLV[:, index, column.offset : column.offset + column.size]
+        logits_NC = logits_NLV[:, index, column.offset : column.offset + column.size].astype(np.float64)
         if column.type == "numeric":
-            edges = np.asarray(column.edges)
-            estimate[column.name] = probs_NC @ ((edges[:-1] + edges[1:]) / 2) / probs_NC.sum(1)
+            probs_NC = np.exp(logits_NC - logits_NC.max(1, keepdims=True))
+            low, high = _bin_ranges(column)
+            estimate[column.name] = probs_NC @ ((low + high) / 2) / probs_NC.sum(1)
         else:
-            tokens = column.offset + probs_NC.argmax(1)
+            tokens = column.offset + logits_NC.argmax(1)
             estimate[column.name] = _decode_column(column, tokens, np.random.default_rng(0))
     return estimate
 
@@ -165,11 +166,10 @@ def _decode_column(column: TableColumn, tokens: np.ndarray, rng: np.random.Gener
     present = tokens != MISSING
     index = tokens[present] - column.offset
     if column.type == "numeric":
-        edges = np.asarray(column.edges)
-        low, high = edges[index], edges[index + 1]
-        drawn = low + rng.random(len(index)) * (high - low)
+        low, high = (bound[index] for bound in _bin_ranges(column))
+        drawn = low + rng.random(len(index)) * (high - low + column.integer)
         if column.integer:
-            drawn = np.clip(np.round(drawn), np.ceil(low), np.floor(high))
+            drawn = np.minimum(np.floor(drawn), high)
         numbers = np.full(len(tokens), np.nan)
         numbers[present] = drawn
         return numbers
@@ -177,6 +177,21 @@ def _decode_column(column: TableColumn, tokens: np.ndarray, rng: np.random.Gener
     categories = np.asarray(column.categories, dtype=object)
     out[present] = categories[index] if column.type == "categorical" else categories[index] == "true"
     return out
+
+
+def _bin_ranges(column: TableColumn) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of the values each bin of a numeric column holds: its edges, or for a
+    whole-number column the whole numbers in it (an inner bin [a, b) stops at b - 1 where b is
+    whole; a bin holding none is its rounded midpoint)."""
+    edges = np.asarray(column.edges, dtype=np.float64)
+    low, high = edges[:-1].copy(), edges[1:].copy()
+    if column.integer:
+        inner = np.arange(len(low)) < len(low) - 1
+        stops_before = inner & (high > low) & (high == np.floor(high))
+        low, high = np.ceil(low), np.where(stops_before, high - 1, np.floor(high))
+        empty = high < low
+        low[empty] = high[empty] = np.round((edges[:-1] + edges[1:]) / 2)[empty]
+    return low, high
 
 
 def _most_frequent(stacked_KN: np.ndarray) -> np.ndarray:

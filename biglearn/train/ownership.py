@@ -21,6 +21,7 @@ user asks to resume with changes (the earlier config is then kept beside the new
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -30,10 +31,10 @@ from datetime import datetime, timezone
 
 from biglearn.data.storage import (StorageError, delete_file, exists, is_s3, join, read_bytes, read_tagged, write_bytes,
                                    write_if)
-from biglearn.train.progress import log
 from biglearn.train.config import PretrainConfig
 
 LEASE_TTL_S = 60.0
+log = logging.getLogger("biglearn")
 CONFIG = "config.json"
 # Keys a resumed run may change freely: they decide how it is run, watched or scored, not what it learns.
 OPERATIONAL = ("eval", "train.faults", "train.log_every", "train.tracker", "train.keep_checkpoints", "cluster.address",
@@ -73,13 +74,15 @@ class RunLease:
         if self._file is not None:
             self._file.close()  # releases the flock; the file stays, naming the last holder
             return
+        current = self._read_object()
+        if self.lost_to is None and current.get("token") != self.holder["token"]:
+            self.lost_to = current  # taken over while renewals failed, or deleted
         if self.lost_to is not None:
             raise RunBusyError(
                 f"run folder {self.run_uri} was taken over while this run held it ({self._who(self.lost_to)}): its "
                 "renewals failed for longer than the lease lasts. Its checkpoints and export may be mixed with that "
                 "run's: check the folder, or run again under another run.name")
-        if self._read_object().get("token") == self.holder["token"]:
-            delete_file(self._object_uri)
+        delete_file(self._object_uri)
 
     # Local paths: flock.
     def _acquire_local(self) -> None:
@@ -113,26 +116,35 @@ class RunLease:
         current = _parsed(found[0].decode()) if found else {}
         if current.get("token") and not self._expired(current):
             raise RunBusyError(self._busy_message(current))
-        self._tag = write_if(self._object_uri, self._lease_body(), found[1] if found else None)
+        self._tag = self._write_lease(found[1] if found else None)
         if self._tag is None:  # another process created or took over the lease since it was read
             raise RunBusyError(self._busy_message(self._read_object()))
         self._renewer = threading.Thread(target=self._renew, name="biglearn-run-lease", daemon=True)
         self._renewer.start()
 
-    def _lease_body(self) -> bytes:
-        return json.dumps({**self.holder, "renewed": time.time()}).encode()
+    def _write_lease(self, tag: str | None) -> str | None:
+        """Writes this holder's lease over the one with ETag `tag` (None: where there is none);
+        returns the new ETag, or None where another holder's lease is there instead. A refused
+        write whose lease is this holder's own (an earlier attempt that went through before the
+        client retried it) counts as written."""
+        tag = write_if(self._object_uri, json.dumps({**self.holder, "renewed": time.time()}).encode(), tag)
+        if tag is None:
+            found = read_tagged(self._object_uri)
+            if found and _parsed(found[0].decode()).get("token") == self.holder["token"]:
+                return found[1]
+        return tag
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
-                tag = write_if(self._object_uri, self._lease_body(), self._tag)
+                tag = self._write_lease(self._tag)
+                if tag is None:
+                    self.lost_to = self._read_object()
+                    log.error(f"[biglearn] lost the lease on {self.run_uri} to {self._who(self.lost_to)}")
+                    return
             except StorageError as exc:  # a passing outage: the lease holds until its TTL runs out
                 log.warning(f"[biglearn] could not renew the lease on {self.run_uri}, retrying: {exc}")
                 continue
-            if tag is None:
-                self.lost_to = self._read_object()
-                log.error(f"[biglearn] lost the lease on {self.run_uri} to {self._who(self.lost_to)}")
-                return
             self._tag = tag
 
     def _expired(self, holder: dict) -> bool:

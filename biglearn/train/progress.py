@@ -82,7 +82,10 @@ class Progress:
 
     def close(self) -> None:
         if self.tensorboard:
-            self.tensorboard.close()
+            try:
+                self.tensorboard.close()
+            except Exception as exc:  # a failed flush must not hide the error that ended the run
+                log.warning(f"[biglearn] could not close the TensorBoard writer: {exc}")
 
 
 def _gauges(run: str) -> dict:

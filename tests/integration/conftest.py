@@ -18,6 +18,11 @@ from biglearn.data.digits import ensure_digits
 from biglearn.train.config import PretrainConfig
 
 
+def metrics_history(run_folder: str) -> list[dict]:
+    """The records of a run's metrics.jsonl, in file order."""
+    return [json.loads(line) for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+
+
 def tiny_config(data: str, storage: str | Path, name: str, *extra: str) -> PretrainConfig:
     """A two-worker ZeRO-2 run small enough for a 2-core machine."""
     return load_config(PretrainConfig, None, tiny_overrides(data, storage, name, *extra))

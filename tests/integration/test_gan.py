@@ -1,9 +1,9 @@
 """BigLearn-GAN under Ray Train: two DeepSpeed engines (ZeRO-2, CPU/gloo) on the continuous
-digits; a run killed mid-way and resumed ends exactly where an uninterrupted run ends (so both
-networks, both optimizers, the schedule and the data position round-trip). The data is in
-several shards, read as several blocks, with gradient accumulation: the runs agree bit for bit
-(logged losses and exported weights) only because Ray Data hands them to the
-worker in read order (biglearn/train/run.py sets preserve_order)."""
+digits; a run killed mid-way and resumed ends exactly where an uninterrupted run ends, logged
+losses and exported weights bit for bit, with gradient accumulation (so both networks, both
+optimizers, the schedule and the data position round-trip). The data is in several shards, read
+as several blocks: the runs agree only because Ray Data hands them to the worker in read order
+(biglearn/train/run.py sets preserve_order)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from biglearn.data.manifest import read_manifest
 from biglearn.train.ingest import micro_batches
 from biglearn.train.steps import retrieval_memory
 from biglearn.train.run import pretrain, shard_dataset
-from tests.integration.conftest import tiny_config
+from tests.integration.conftest import metrics_history, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -65,15 +65,14 @@ def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_
     assert (tmp_path / "killed" / "faults" / "kill-rank0-step7").exists(), "the fault never fired"
     assert straight.summary["train"] == {"final_step": 8, "resumes": []}
     assert killed.summary["train"] == {"final_step": 8, "resumes": [6]}
-    history = [json.loads(line) for line in (Path(killed.run_folder) / "metrics.jsonl").read_text().splitlines()]
+    history = metrics_history(killed.run_folder)
     assert [record["step"] for record in history] == list(range(1, 9))
     assert all({"loss", "critic", "r1", "critic_at_chance", "families"} <= set(record) for record in history)
 
     # Steps 7-8 after the restart must see the same critic, optimizer moments, LR schedule,
     # tasks, noise and data as without it: any of them missing would move the generator.
-    straight_history = [json.loads(line) for line in (Path(straight.run_folder) / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "critic", "r1", "families"):
-        assert [record[key] for record in history] == [record[key] for record in straight_history], key
+        assert [record[key] for record in history] == [record[key] for record in metrics_history(straight.run_folder)], key
     resumed, uninterrupted = (load_file(Path(run.export) / "model.safetensors") for run in (killed, straight))
     assert resumed.keys() == uninterrupted.keys()
     for name, weights in uninterrupted.items():
@@ -139,7 +138,7 @@ def test_mnist_and_celeba_recipes_start_and_step(ray_cluster, tmp_path, recipe):
     ])
     outcome = pretrain(cfg)
     assert outcome.summary["train"]["final_step"] == 2
-    history = [json.loads(line) for line in (Path(outcome.run_folder) / "metrics.jsonl").read_text().splitlines()]
+    history = metrics_history(outcome.run_folder)
     assert [record["step"] for record in history] == [1, 2]
     assert all(np.isfinite(record["loss"]) and np.isfinite(record["critic"]) for record in history)
     _, spec = load_export(outcome.export)

@@ -22,6 +22,7 @@ from biglearn.generation import complete
 from biglearn.roles import ABSENT, SOURCE, TARGET
 from biglearn.train.ownership import RunLease
 from biglearn.train.run import PretrainError, pretrain, shard_dataset
+from tests.integration.conftest import metrics_history
 from tests.integration.conftest import tiny_config as tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.ray
 
 
 def logged(run_folder: str, key: str) -> list:
-    return [json.loads(line)[key] for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+    return [record[key] for record in metrics_history(run_folder)]
 
 
 def logged_steps(run_folder: str) -> list[int]:
@@ -267,7 +268,7 @@ def test_a_csv_with_missing_cells_trains_from_the_command_line_and_imputes(ray_c
     from biglearn.tables import Imputer
 
     table = pd.read_csv(tmp_path / "iris.csv")
-    filled = Imputer.load(tmp_path / "runs" / "iris" / "export", draws=2).transform(table)
+    filled = Imputer.load(tmp_path / "runs" / "iris" / "export").transform(table)
     assert not filled.isna().any().any() and set(filled["species"]) <= set(iris.target_names)
     assert filled.where(table.notna()).equals(table.where(table.notna()))  # observed cells kept
 

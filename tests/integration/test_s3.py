@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 import biglearn.data.prepare as prepare_module
 from biglearn.data.manifest import read_manifest, read_split
-from biglearn.data.storage import fetch_folder, list_files, read_bytes
+from biglearn.data.storage import fetch_folder, list_files, read_bytes, read_tagged, write_if
 from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, complete_tasks, parse_request
 from biglearn.train.run import pretrain
 from tests.integration.conftest import tiny_config
@@ -172,32 +171,25 @@ def test_a_run_in_object_storage_is_leased_to_one_process_and_a_lapsed_lease_is_
     with RunLease(run, ttl_s=30) as successor:
         assert json.loads(read_bytes(f"{run}/_lease.json"))["token"] == successor.holder["token"]
 
-    # Two processes starting at once: the conditional write lets exactly one of them in.
-    for _ in range(3):
-        outcomes, start = [], threading.Barrier(2)
+    # Two runs that both read the lease as lapsed (or absent) both write it conditionally on
+    # what they read: only the first write goes through.
+    lease = f"{run}/_lease.json"
+    s3_server.client().delete_object(Bucket="leases", Key=lease_key)
+    first = write_if(lease, b"first", None)
+    assert first and write_if(lease, b"second", None) is None
+    read = read_tagged(lease)
+    assert read == (b"first", first)
+    assert write_if(lease, b"third", first) and write_if(lease, b"fourth", first) is None, "a stale tag loses"
+    s3_server.client().delete_object(Bucket="leases", Key=lease_key)
+    assert write_if(lease, b"fifth", first) is None and read_tagged(lease) is None, "a deleted lease is not recreated"
 
-        def contend():
-            start.wait()
-            try:
-                with RunLease(run, ttl_s=30):
-                    time.sleep(0.5)
-                outcomes.append("held")
-            except RunBusyError:
-                outcomes.append("refused")
-
-        racers = [threading.Thread(target=contend) for _ in range(2)]
-        for racer in racers:
-            racer.start()
-        for racer in racers:
-            racer.join()
-        assert sorted(outcomes) == ["held", "refused"]
-
-    # A holder whose lease another process overwrote stops renewing it and fails on release.
+    # A holder whose lease another process overwrote stops renewing it and fails on release,
+    # leaving the other lease in place.
     with pytest.raises(RunBusyError, match="was taken over while this run held it .*host elsewhere"):
         with RunLease(run, ttl_s=0.4) as holder:
-            s3_server.client().put_object(Bucket="leases", Key=lease_key, Body=json.dumps(lapsed).encode())
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 20
             while holder.lost_to is None and time.monotonic() < deadline:  # the next renewal finds it
-                time.sleep(0.05)
+                s3_server.client().put_object(Bucket="leases", Key=lease_key, Body=json.dumps(lapsed).encode())
+                time.sleep(0.3)
             assert holder.lost_to["host"] == "elsewhere"
     assert json.loads(read_bytes(f"{run}/_lease.json"))["host"] == "elsewhere", "the other holder's lease is kept"

@@ -150,3 +150,4 @@ def test_a_process_launched_from_elsewhere_reuses_the_op_make_setup_built(tmp_pa
     subprocess.run([sys.executable, "-c", "from biglearn.train.engine import build_deepspeed_ops; build_deepspeed_ops()"],
                    cwd=tmp_path, env={**env, "HOME": str(tmp_path)}, check=True, capture_output=True, timeout=300)
     assert {path: os.stat(path).st_mtime_ns for path in built} == before
+    assert not list(tmp_path.rglob("*.so")), "nothing was built anywhere else either"

@@ -70,7 +70,7 @@ def test_transform_fills_missing_cells_only_and_keeps_the_input_type(tmp_path):
     imputer.save(tmp_path / "export")
     again = Imputer.load(tmp_path / "export")
     assert again.get_params() == imputer.get_params()
-    assert again.transform(data).equals(filled)  # same weights, same seed
+    assert again.transform(data).equals(filled)  # same weights, same answer
 
 
 

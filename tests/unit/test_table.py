@@ -175,10 +175,16 @@ def test_point_estimates_are_the_expected_number_and_the_most_probable_category(
     schema = fit_schema({"x": np.array([0.0, 1.0, 2.0, 4.0]), "c": np.array(["a", "b", "b", "a"], dtype=object)},
                         {"x": "numeric", "c": "categorical"}, np.arange(4), 3)
     x, c = schema.columns
-    probs_NLV = np.zeros((2, 2, schema.vocab_size))
-    probs_NLV[0, 0, x.offset : x.offset + x.size] = [0.5, 0.5, 0.0]  # bins [0, 1), [1, 2), [2, 4]
+    probs_NLV = np.full((2, 2, schema.vocab_size), 1e-30)  # other columns' tokens: never read
+    probs_NLV[0, 0, x.offset : x.offset + x.size] = [0.5, 0.5, 1e-30]  # bins [0, 1), [1, 2), [2, 4]
     probs_NLV[1, 0, x.offset + 2] = 1.0
     probs_NLV[:, 1, c.offset : c.offset + 2] = [[0.3, 0.7], [0.6, 0.4]]
-    estimate = expected_cells(schema, probs_NLV)
-    assert x.edges == [0.0, 1.0, 2.0, 4.0]
-    assert np.allclose(estimate["x"], [0.5 * 0.5 + 0.5 * 1.5, 3.0]) and list(estimate["c"]) == ["b", "a"]
+    assert x.edges == [0.0, 1.0, 2.0, 4.0] and x.integer
+    # Whole numbers: [0, 1) holds 0, [1, 2) holds 1, the last bin [2, 4] holds 2, 3 and 4.
+    estimate = expected_cells(schema, np.log(probs_NLV))
+    assert np.allclose(estimate["x"], [0.5 * 0 + 0.5 * 1, 3.0]) and list(estimate["c"]) == ["b", "a"]
+    real = schema.model_copy(update={"columns": [x.model_copy(update={"integer": False}), c]})
+    assert np.allclose(expected_cells(real, np.log(probs_NLV))["x"], [0.5 * 0.5 + 0.5 * 1.5, 3.0])
+    drawn = decode(schema, np.repeat(np.array([[x.offset, c.offset], [x.offset + 1, c.offset], [x.offset + 2, c.offset]]), 200, 0),
+                   np.random.default_rng(0))["x"]
+    assert set(drawn[:200]) == {0} and set(drawn[200:400]) == {1} and set(drawn[400:]) == {2, 3, 4}
