@@ -71,10 +71,17 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool, lr: float | None = None)
 def use_environment_extension_cache() -> str:
     """Where DeepSpeed compiles and finds its CPU ops: TORCH_EXTENSIONS_DIR if set, else a folder
     of this Python environment (set here, so every process of a run uses it, however launched).
+    Also puts the environment's own ninja (pip's, a DeepSpeed dependency) first on PATH.
 
     torch's default is one folder per user, shared by every environment: two checkouts (or a
     run and `make setup`) with different environments then rebuild the op over each other's
-    build (a minute or more each, holding a lock)."""
+    build (a minute or more each, holding a lock). Likewise two ninja versions (the system's,
+    found by `make setup`, and the environment's, first on PATH in a Ray job) read each other's
+    build log as invalid, drop it, and rebuild."""
+    bin_dir = os.path.join(sys.prefix, "bin")
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path
     return os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 

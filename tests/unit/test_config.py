@@ -136,8 +136,9 @@ def test_deepspeed_ops_are_built_and_found_in_this_environment(monkeypatch):
 
 
 def test_a_process_launched_from_elsewhere_reuses_the_op_make_setup_built(tmp_path):
-    """The op built by `make setup` is loaded, not rebuilt, by a process started in another folder
-    with another environment (as a `ray job submit` entry point or a Ray worker is)."""
+    """The op built by `make setup` is loaded, not rebuilt, by processes started in another folder
+    with another environment and PATH (as a `ray job submit` entry point or a Ray worker is):
+    with the system's ninja first on PATH, then with the environment's."""
     import glob
     import os
     import subprocess
@@ -147,7 +148,10 @@ def test_a_process_launched_from_elsewhere_reuses_the_op_make_setup_built(tmp_pa
     assert built, "make setup builds DeepSpeed's CPU op into the environment's torch_extensions"
     before = {path: os.stat(path).st_mtime_ns for path in built}
     env = {key: value for key, value in os.environ.items() if key != "TORCH_EXTENSIONS_DIR"}
-    subprocess.run([sys.executable, "-c", "from biglearn.train.engine import build_deepspeed_ops; build_deepspeed_ops()"],
-                   cwd=tmp_path, env={**env, "HOME": str(tmp_path)}, check=True, capture_output=True, timeout=300)
+    environment_bin = os.path.join(sys.prefix, "bin")
+    for path in ("/usr/local/bin:/usr/bin:/bin", f"{environment_bin}:/usr/local/bin:/usr/bin:/bin"):
+        subprocess.run([sys.executable, "-c", "from biglearn.train.engine import build_deepspeed_ops; build_deepspeed_ops()"],
+                       cwd=tmp_path, env={**env, "HOME": str(tmp_path), "PATH": path}, check=True, capture_output=True,
+                       timeout=300)
     assert {path: os.stat(path).st_mtime_ns for path in built} == before
     assert not list(tmp_path.rglob("*.so")), "nothing was built anywhere else either"
