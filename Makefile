@@ -4,10 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # torch first, from this machine's package index: a CPU build where there is no GPU. DeepSpeed
-# (an sdist that builds against the installed torch) comes after it, with the package.
+# (an sdist that builds against the installed torch) comes after it, with the package's extras.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup pretrain test
+.PHONY: setup pretrain test test-unit lint
 
 setup: $(STAMP)
 
@@ -21,7 +21,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 pretrain: $(STAMP)
-	$(PY) jobs/pretrain.py $(ARGS)
+	$(VENV)/bin/biglearn pretrain $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The fast tier: everything that does not start a Ray cluster.
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not ray" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright

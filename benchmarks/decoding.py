@@ -36,24 +36,37 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model, spec = load_export(args.export)
     quality = DigitsQuality(args.data)
-    print("setting | accuracy of 8 draws (first draw) | same-class pairs | MMD to train | joint class TV, "
-          "classes | joint MMD | nearest-train median, near copies | left-half MMD | seconds")
+    print(
+        "setting | accuracy of 8 draws (first draw) | same-class pairs | MMD to train | joint class TV, "
+        "classes | joint MMD | nearest-train median, near copies | left-half MMD | seconds"
+    )
     settings = [("generator", None)] if spec.continuous else itertools.product(args.order, args.guidance)
     for order, guidance in settings:
         start = time.perf_counter()
         if spec.continuous:
             metrics, _, _ = quality.score_generator(model, seed=args.seed)
         else:
-            metrics, _, _ = quality.score(model, steps=args.steps, order=order, temperature=args.temperature,
-                                          top_k=None, guidance=guidance, seed=args.seed)
+            metrics, _, _ = quality.score(
+                model,
+                steps=args.steps,
+                order=order,
+                temperature=args.temperature,
+                top_k=None,
+                guidance=guidance,
+                seed=args.seed,
+            )
         c, j, m = metrics["conditional"], metrics["joint"], metrics["marginal_left_half"]
         name = order if guidance is None else f"{order}, guidance {guidance:g}"
-        print(f"{name} | {c['accuracy']:.3f} ({metrics['completion_accuracy_first_draw']:.3f}) | {c['class_agreement']:.3f} | "
-              f"{c['mmd_to_train']:.3f} | {j['class_tv']:.3f}, {j['classes_covered']} | {j['mmd']:.3f} | "
-              f"{j['nearest_train_median']:.2f}, {j['near_copies']:.3f} | {m['mmd']:.3f} | {time.perf_counter() - start:.0f}")
-    print(f"reference | {c['accuracy_reference']:.3f} | {c['class_agreement_reference']:.3f} | "
-          f"{c['mmd_to_train_reference']:.3f} | {j['class_tv_reference']:.3f}, 10 | {j['mmd_reference']:.3f} | "
-          f"{j['nearest_train_median_reference']:.2f}, {j['near_copies_reference']:.3f} | {m['mmd_reference']:.3f} |")
+        print(
+            f"{name} | {c['accuracy']:.3f} ({metrics['completion_accuracy_first_draw']:.3f}) | {c['class_agreement']:.3f} | "
+            f"{c['mmd_to_train']:.3f} | {j['class_tv']:.3f}, {j['classes_covered']} | {j['mmd']:.3f} | "
+            f"{j['nearest_train_median']:.2f}, {j['near_copies']:.3f} | {m['mmd']:.3f} | {time.perf_counter() - start:.0f}"
+        )
+    print(
+        f"reference | {c['accuracy_reference']:.3f} | {c['class_agreement_reference']:.3f} | "
+        f"{c['mmd_to_train_reference']:.3f} | {j['class_tv_reference']:.3f}, 10 | {j['mmd_reference']:.3f} | "
+        f"{j['nearest_train_median_reference']:.2f}, {j['near_copies_reference']:.3f} | {m['mmd_reference']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

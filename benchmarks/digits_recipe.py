@@ -46,11 +46,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-drop-absent", action="store_true")
     p.add_argument("--summary-width", type=int, default=0, help="the summary path's hidden width (0 = off)")
     p.add_argument("--retrieval", type=int, default=0, help="neighbours retrieved from the training split (0 = off)")
-    p.add_argument("--bf16", action="store_true",
-                   help="train under bfloat16 autocast (weights and optimizer stay float32)")
+    p.add_argument(
+        "--bf16", action="store_true", help="train under bfloat16 autocast (weights and optimizer stay float32)"
+    )
     # schedule and loss
-    p.add_argument("--family", action="append", default=None,
-                   help="family:weight[:ta,tb[:sa,sb]]; repeat; default = the Schedule defaults")
+    p.add_argument(
+        "--family",
+        action="append",
+        default=None,
+        help="family:weight[:ta,tb[:sa,sb]]; repeat; default = the Schedule defaults",
+    )
     p.add_argument("--weighting", choices=["inverse_ratio", "uniform"], default="inverse_ratio")
     # optimisation
     p.add_argument("--steps", type=int, default=2000)
@@ -103,11 +108,23 @@ def main(argv=None) -> None:
     train_BL = torch.from_numpy(read_split(args.data, manifest, "train")["values"]).long()
     valid_BL = torch.from_numpy(read_split(args.data, manifest, "validation")["values"]).long()
     grid = manifest.grid
-    model_cfg = ModelConfig(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
-                            mlp_ratio=args.mlp_ratio, dropout=args.dropout, drop_absent=not args.no_drop_absent,
-                            summary_width=args.summary_width, retrieval_neighbours=args.retrieval)
-    spec = ModelSpec(model=model_cfg, length=manifest.length, vocab_size=manifest.vocab_size, grid=grid,
-                     memory_rows=len(train_BL) if args.retrieval else 0)
+    model_cfg = ModelConfig(
+        d_model=args.d_model,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        mlp_ratio=args.mlp_ratio,
+        dropout=args.dropout,
+        drop_absent=not args.no_drop_absent,
+        summary_width=args.summary_width,
+        retrieval_neighbours=args.retrieval,
+    )
+    spec = ModelSpec(
+        model=model_cfg,
+        length=manifest.length,
+        vocab_size=manifest.vocab_size,
+        grid=grid,
+        memory_rows=len(train_BL) if args.retrieval else 0,
+    )
     model = UniversalTransformer(spec)
     if args.retrieval:
         model.memory.remember(train_BL)
@@ -130,15 +147,18 @@ def main(argv=None) -> None:
     grid_of_decodings = itertools.product(args.decode_steps, args.order, args.temperature, args.top_k, args.guidance)
     for steps, order, temperature, top_k, guidance in grid_of_decodings:
         start = time.perf_counter()
-        metrics, _, _ = quality.score(model, steps=steps, order=order, temperature=temperature,
-                                      top_k=top_k or None, guidance=guidance)
+        metrics, _, _ = quality.score(
+            model, steps=steps, order=order, temperature=temperature, top_k=top_k or None, guidance=guidance
+        )
         joint, conditional = metrics["joint"], metrics["conditional"]
-        print(f"quality steps={steps} order={order} T={temperature} top_k={top_k} guidance={guidance}: "
-              f"acc={conditional['accuracy']:.4f} (reference {conditional['accuracy_reference']:.4f}) "
-              f"agreement={conditional['class_agreement']:.4f} ({conditional['class_agreement_reference']:.4f}) "
-              f"joint TV={joint['class_tv']:.4f} ({joint['class_tv_reference']:.4f}) "
-              f"MMD={joint['mmd']:.4f} ({joint['mmd_reference']:.4f}) near_copies={joint['near_copies']:.3f} "
-              f"({time.perf_counter() - start:.1f}s)")
+        print(
+            f"quality steps={steps} order={order} T={temperature} top_k={top_k} guidance={guidance}: "
+            f"acc={conditional['accuracy']:.4f} (reference {conditional['accuracy_reference']:.4f}) "
+            f"agreement={conditional['class_agreement']:.4f} ({conditional['class_agreement_reference']:.4f}) "
+            f"joint TV={joint['class_tv']:.4f} ({joint['class_tv_reference']:.4f}) "
+            f"MMD={joint['mmd']:.4f} ({joint['mmd_reference']:.4f}) near_copies={joint['near_copies']:.3f} "
+            f"({time.perf_counter() - start:.1f}s)"
+        )
     print(f"train wall {train_seconds:.1f}s threads={args.threads}")
 
 
@@ -147,7 +167,8 @@ def train(model, schedule, train_BL, valid_BL, grid, args) -> float:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98),
+        lr=args.lr,
+        betas=(0.9, 0.98),
     )
     data_generator = torch.Generator().manual_seed(args.seed)
     roles_generator = torch.Generator().manual_seed(args.seed + 1)
@@ -180,8 +201,10 @@ def train(model, schedule, train_BL, valid_BL, grid, args) -> float:
             panel = evaluate_panel(model, valid_BL, grid, steps=4)
             eval_seconds = time.perf_counter() - eval_start
             start += eval_seconds  # evaluation time does not count as training time
-            print(f"step {step + 1} loss {loss_sum / loss_count:.4f} lr {lr_at(step, args, args.steps):.2e} "
-                  f"{elapsed:.0f}s ({elapsed / (step + 1):.3f}s/step) families {means}")
+            print(
+                f"step {step + 1} loss {loss_sum / loss_count:.4f} lr {lr_at(step, args, args.steps):.2e} "
+                f"{elapsed:.0f}s ({elapsed / (step + 1):.3f}s/step) families {means}"
+            )
             print(f"  valid panel(4 steps) {json.dumps({k: round(v, 3) for k, v in panel.items()})}", flush=True)
             stats_F2.zero_()
             loss_sum, loss_count = 0.0, 0

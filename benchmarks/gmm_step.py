@@ -66,7 +66,10 @@ def main() -> None:
         return step
 
     tasks = {
-        "joint": (lambda: joint_grad(theta, Target.joint(data), z, eps), autograd(lambda th: reference_joint_loss(th, data, z, eps))),
+        "joint": (
+            lambda: joint_grad(theta, Target.joint(data), z, eps),
+            autograd(lambda th: reference_joint_loss(th, data, z, eps)),
+        ),
         "marginal": (
             lambda: marginal_grad(theta, a[:, 0], view, z, eps),
             autograd(lambda th: reference_marginal_loss(th, a[:, 0], data, z, eps)),
@@ -76,11 +79,15 @@ def main() -> None:
             autograd(lambda th: reference_conditional_loss(th, a, data, s, cond_eps)),
         ),
     }
-    compiled = {
-        "joint": lambda fn=torch.compile(joint_grad, dynamic=False): fn(theta, Target.joint(data), z, eps),
-        "marginal": lambda fn=torch.compile(marginal_grad, dynamic=False): fn(theta, a[:, 0], view, z, eps),
-        "conditional": lambda fn=torch.compile(conditional_grad, dynamic=False): fn(theta, a, view, s, cond_eps),
-    } if args.compile else {}
+    compiled = (
+        {
+            "joint": lambda fn=torch.compile(joint_grad, dynamic=False): fn(theta, Target.joint(data), z, eps),
+            "marginal": lambda fn=torch.compile(marginal_grad, dynamic=False): fn(theta, a[:, 0], view, z, eps),
+            "conditional": lambda fn=torch.compile(conditional_grad, dynamic=False): fn(theta, a, view, s, cond_eps),
+        }
+        if args.compile
+        else {}
+    )
     print(f"one SGD step for {r} seeds, 1 thread, float64")
     print("task         hand us  autograd us  ratio" + ("  compiled us  ratio  compile s" if args.compile else ""))
     for name, (hand, auto) in tasks.items():

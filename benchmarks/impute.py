@@ -64,17 +64,19 @@ def make_mask(frame: pd.DataFrame, numeric: list[str], kind: str, rng: np.random
     """Missing cells [N, L]. MAR: a third of the columns (numeric) always observed drive the
     others' missingness through a logistic model; MNAR: numeric cells go missing more often the
     larger they are (self-masking), categorical ones at random; both near 30%."""
-    n, l = frame.shape
+    n, width = frame.shape
     if kind.startswith("MCAR"):
-        return rng.random((n, l)) < float(kind.split()[1].rstrip("%")) / 100
+        return rng.random((n, width)) < float(kind.split()[1].rstrip("%")) / 100
     z = {name: ((frame[name] - frame[name].mean()) / (frame[name].std() + 1e-12)).to_numpy() for name in numeric}
-    mask = np.zeros((n, l), bool)
+    mask = np.zeros((n, width), bool)
     if kind.startswith("MAR"):
         drivers = numeric[: max(1, len(numeric) // 3)]
         signal = sum(rng.normal() * z[name] for name in drivers) / np.sqrt(len(drivers))
         for index, name in enumerate(frame.columns):
             if name not in drivers:
-                mask[:, index] = rng.random(n) < _calibrated(signal * rng.choice([-2, 2]), 0.3 * l / (l - len(drivers)))
+                mask[:, index] = rng.random(n) < _calibrated(
+                    signal * rng.choice([-2, 2]), 0.3 * width / (width - len(drivers))
+                )
         return mask
     for index, name in enumerate(frame.columns):
         mask[:, index] = rng.random(n) < (_calibrated(2 * z[name], 0.3) if name in z else 0.3)
@@ -117,8 +119,9 @@ def baselines(categorical_positions: list[int], seed: int) -> dict:
         "mean": lambda: _MeanMode(categorical_positions),
         "KNN": _ScaledKNN,
         "IterativeImputer": lambda: IterativeImputer(max_iter=10, random_state=seed),
-        "MissForest-style": lambda: IterativeImputer(estimator=RandomForestRegressor(n_estimators=50, random_state=seed,
-                                                                                       n_jobs=2), max_iter=5, random_state=seed),
+        "MissForest-style": lambda: IterativeImputer(
+            estimator=RandomForestRegressor(n_estimators=50, random_state=seed, n_jobs=2), max_iter=5, random_state=seed
+        ),
     }
 
 
@@ -164,21 +167,27 @@ def scores(filled: pd.DataFrame, truth: pd.DataFrame, mask: np.ndarray, numeric:
     return float(np.sqrt(np.mean(errors**2))), float(np.mean(hits)) if hits.size else float("nan")
 
 
-def synthesis_scores(real: pd.DataFrame, rows: pd.DataFrame, numeric: list[str], seed: int) -> tuple[float, float, float]:
+def synthesis_scores(
+    real: pd.DataFrame, rows: pd.DataFrame, numeric: list[str], seed: int
+) -> tuple[float, float, float]:
     """(detection AUC, mean per-column distance, correlation difference) of `rows` against `real`."""
     from scipy.stats import ks_2samp
 
     def encoded(frame):
         parts = [((frame[numeric].astype(float) - real[numeric].mean()) / (real[numeric].std() + 1e-12))]
         for name in real.columns.difference(numeric):
-            parts.append(pd.get_dummies(pd.Categorical(frame[name], categories=sorted(real[name].unique())), prefix=name)
-                         .set_index(frame.index).astype(float))
+            parts.append(
+                pd.get_dummies(pd.Categorical(frame[name], categories=sorted(real[name].unique())), prefix=name)
+                .set_index(frame.index)
+                .astype(float)
+            )
         return pd.concat(parts, axis=1).fillna(0.0)
 
     a, b = encoded(real), encoded(rows)
     X, y = pd.concat([a, b]).to_numpy(), np.r_[np.zeros(len(a)), np.ones(len(b))]
-    auc = cross_val_score(RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=2), X, y, cv=5,
-                          scoring="roc_auc").mean()
+    auc = cross_val_score(
+        RandomForestClassifier(n_estimators=100, random_state=seed, n_jobs=2), X, y, cv=5, scoring="roc_auc"
+    ).mean()
     distances = []
     for name in real.columns:
         if name in numeric:
@@ -199,8 +208,11 @@ def run_table(name: str, frame: pd.DataFrame, categorical: list[str], args) -> N
     train, test = frame.iloc[order[:cut]].reset_index(drop=True), frame.iloc[order[cut:]].reset_index(drop=True)
     numeric = [c for c in frame.columns if c not in categorical]
     std = train[numeric].astype(float).std()
-    print(f"\n## {name}: {len(train)} training rows, {len(test)} held out; {len(numeric)} numeric, "
-          f"{len(categorical)} categorical columns", flush=True)
+    print(
+        f"\n## {name}: {len(train)} training rows, {len(test)} held out; {len(numeric)} numeric, "
+        f"{len(categorical)} categorical columns",
+        flush=True,
+    )
 
     start = time.perf_counter()
     settings = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.imputer)}
@@ -222,7 +234,7 @@ def run_table(name: str, frame: pd.DataFrame, categorical: list[str], args) -> N
             rows = np.vstack([coded.to_array(train), coded.to_array(observed)])
             for method, make in makers.items():
                 start = time.perf_counter()
-                filled = coded.to_frame(make().fit_transform(rows)[len(train):], test)
+                filled = coded.to_frame(make().fit_transform(rows)[len(train) :], test)
                 fit_seconds.setdefault(method, []).append(time.perf_counter() - start)
                 draws.setdefault((kind, method), []).append(scores(filled, test, mask, numeric, std))
         print(f"  {kind}: {np.mean(missing):.0%} of held-out cells missing ({args.repeats} draws)", flush=True)
@@ -238,16 +250,26 @@ def run_table(name: str, frame: pd.DataFrame, categorical: list[str], args) -> N
     if categorical:
         for kind in MASKS:
             accuracy = [results[kind, m][1] for m in methods]
-            print(f"| accuracy, {kind} | " + " | ".join(f"{v:.3f}" for v in accuracy)
-                  + f" | {accuracy[0] - max(accuracy[1:]):+.3f} |")
-    print("| fit seconds | " + " | ".join(f"{fit_seconds[m]:.1f}" for m in methods)
-          + f" | {fit_seconds['biglearn'] / max(fit_seconds[m] for m in makers):.0f}x the slowest |", flush=True)
+            print(
+                f"| accuracy, {kind} | "
+                + " | ".join(f"{v:.3f}" for v in accuracy)
+                + f" | {accuracy[0] - max(accuracy[1:]):+.3f} |"
+            )
+    print(
+        "| fit seconds | "
+        + " | ".join(f"{fit_seconds[m]:.1f}" for m in methods)
+        + f" | {fit_seconds['biglearn'] / max(fit_seconds[m] for m in makers):.0f}x the slowest |",
+        flush=True,
+    )
 
     if args.synthesis:
-        synthetic = {"real training rows": train,
-                     "biglearn": pd.DataFrame(model.sample(len(train), seed=args.seed)),
-                     "independent columns": train.apply(lambda column: column.sample(len(train), replace=True,
-                                                        random_state=args.seed).to_numpy())}
+        synthetic = {
+            "real training rows": train,
+            "biglearn": pd.DataFrame(model.sample(len(train), seed=args.seed)),
+            "independent columns": train.apply(
+                lambda column: column.sample(len(train), replace=True, random_state=args.seed).to_numpy()
+            ),
+        }
         try:
             from sdv.metadata import Metadata
             from sdv.single_table import CTGANSynthesizer, TVAESynthesizer
@@ -270,8 +292,12 @@ def run_table(name: str, frame: pd.DataFrame, categorical: list[str], args) -> N
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tables", nargs="*", default=["iris", "wine", "diabetes", "breast_cancer"],
-                   choices=["iris", "wine", "diabetes", "breast_cancer"])
+    p.add_argument(
+        "--tables",
+        nargs="*",
+        default=["iris", "wine", "diabetes", "breast_cancer"],
+        choices=["iris", "wine", "diabetes", "breast_cancer"],
+    )
     p.add_argument("--csv", nargs="*", default=[], help="CSV files to add (text columns are categorical)")
     p.add_argument("--categorical", nargs="*", default=[], help="CSV columns of numbers that are categories")
     p.add_argument("--steps", type=int, default=1000, help="biglearn's training steps per table")

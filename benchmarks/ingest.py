@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -71,10 +70,19 @@ def write_corpus(folder: Path, rows: int, seed: int) -> Path:
 
 def prepare(corpus: Path, output: str) -> float:
     """Converts in a fresh process (workers=0, so its peak RSS is the converter's); returns MB."""
-    cfg = {"source": {"kind": "text", "files": str(corpus), "length": LENGTH}, "output": output,
-           "validation_fraction": 0.0, "rows_per_shard": 50_000, "workers": 0}
-    done = subprocess.run([sys.executable, "-c", PREPARE, json.dumps(cfg)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    cfg = {
+        "source": {"kind": "text", "files": str(corpus), "length": LENGTH},
+        "output": output,
+        "validation_fraction": 0.0,
+        "rows_per_shard": 50_000,
+        "workers": 0,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", PREPARE, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     if done.returncode:
         raise SystemExit(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
@@ -120,8 +128,17 @@ def ingest_worker(config: dict) -> None:
             peak = {kind: max(peak[kind], mb) for kind, mb in now.items()}
             trace.append((rows, round(now["private"]), round(now["shared"])))
     elapsed = time.perf_counter() - first
-    Path(config["out"]).write_text(json.dumps({"rows": rows, "seconds": elapsed, "first_batch_s": first - start, "trace": trace,
-                                               **{f"peak_{kind}_mb": mb for kind, mb in peak.items()}}))
+    Path(config["out"]).write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "seconds": elapsed,
+                "first_batch_s": first - start,
+                "trace": trace,
+                **{f"peak_{kind}_mb": mb for kind, mb in peak.items()},
+            }
+        )
+    )
 
 
 def ray_data(uri: str, scratch: Path, fetch: int) -> dict:
@@ -157,8 +174,13 @@ def start_s3() -> str:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="bench")
@@ -170,8 +192,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000, help="rows of the 1x dataset")
     parser.add_argument("--scale", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=20)
-    parser.add_argument("--fetch-rows", type=int, help="rows per Ray Data batch, cut into batches of 64 "
-                        "(default: what pretraining takes for data.fetch_bytes)")
+    parser.add_argument(
+        "--fetch-rows",
+        type=int,
+        help="rows per Ray Data batch, cut into batches of 64 (default: what pretraining takes for data.fetch_bytes)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     start_s3()  # before Ray starts, so its workers inherit the endpoint
@@ -201,31 +226,50 @@ def main() -> None:
         ray_s3 = ray_data(s3, scratch, fetch)
         ray_small = ray_data(str(scratch / "local-1x"), scratch, fetch)
 
-    cfg = load_config(PretrainConfig, REPO / "jobs/configs/digits-quick.yaml")
+    cfg = load_config(PretrainConfig, REPO / "biglearn/recipes/digits-quick.yaml")
     values = torch.randint(0, 17, (4096, LENGTH))
     consumed = bare_loop(cfg, values, (8, 8), args.train_steps)
     ray.shutdown()
 
-    print(f"\n1x dataset: {args.rows} rows of L={LENGTH} tokens; {big}: {args.rows * args.scale} rows, "
-          f"{mb:.1f} MB of Parquet, read once per rate (after the first batch)")
+    print(
+        f"\n1x dataset: {args.rows} rows of L={LENGTH} tokens; {big}: {args.rows * args.scale} rows, "
+        f"{mb:.1f} MB of Parquet, read once per rate (after the first batch)"
+    )
     ray_label = f"Ray Data -> Train worker, fetch {fetch}, "
-    print(f"\n{f'ingest ({big}, batches of {BATCH})':<52}{'rows/s':>12}{'MB/s':>9}{'vs pyarrow':>12}{'vs training':>13}")
-    rows = (("local shards", raw_local, pyarrow_local, {ray_label: ray_local, f"Ray Data, batches of {BATCH} from Ray Data, ": ray_local_unfetched}),
-            ("S3 on loopback", raw_s3, pyarrow_s3, {ray_label: ray_s3}))
+    print(
+        f"\n{f'ingest ({big}, batches of {BATCH})':<52}{'rows/s':>12}{'MB/s':>9}{'vs pyarrow':>12}{'vs training':>13}"
+    )
+    rows = (
+        (
+            "local shards",
+            raw_local,
+            pyarrow_local,
+            {ray_label: ray_local, f"Ray Data, batches of {BATCH} from Ray Data, ": ray_local_unfetched},
+        ),
+        ("S3 on loopback", raw_s3, pyarrow_s3, {ray_label: ray_s3}),
+    )
     for where, raw, (rows_s, mb_s), ray_results in rows:
         print(f"  {'pyarrow whole-file read, ' + where:<50}{raw[0]:>12,.0f}{raw[1]:>9.1f}")
-        print(f"  {'pyarrow -> torch batches, ' + where:<50}{rows_s:>12,.0f}{mb_s:>9.1f}{'1.00x':>12}{rows_s / consumed:>12.1f}x")
+        print(
+            f"  {'pyarrow -> torch batches, ' + where:<50}{rows_s:>12,.0f}{mb_s:>9.1f}{'1.00x':>12}{rows_s / consumed:>12.1f}x"
+        )
         for label, result in ray_results.items():
-            print(f"  {label + where:<50}{result['rows_per_s']:>12,.0f}{result['mb_per_s']:>9.1f}"
-                  f"{result['rows_per_s'] / rows_s:>11.2f}x{result['rows_per_s'] / consumed:>12.1f}x"
-                  f"   (first batch after {result['first_batch_s']:.1f} s)")
+            print(
+                f"  {label + where:<50}{result['rows_per_s']:>12,.0f}{result['mb_per_s']:>9.1f}"
+                f"{result['rows_per_s'] / rows_s:>11.2f}x{result['rows_per_s'] / consumed:>12.1f}x"
+                f"   (first batch after {result['first_batch_s']:.1f} s)"
+            )
     print(f"  {'training consumes (default model)':<50}{consumed:>12,.0f}")
     print(f"\n{'peak memory (MB)':<46}{'1x':>10}{f'{args.scale}x':>10}")
     print(f"  {'prepare_data (converter process, RSS)':<44}{prep['local 1x']:>10.0f}{prep[f'local {big}']:>10.0f}")
     for kind in ("private", "shared"):
-        print(f"  {f'ingesting Ray Train worker, {kind}':<44}{ray_small[f'peak_{kind}_mb']:>10.0f}{ray_local[f'peak_{kind}_mb']:>10.0f}")
-    print(f"  (prepare_data into S3, {big}: {prep[f's3 {big}']:.0f} MB; a worker's shared pages are object-store "
-          "memory it has mapped, bounded by the store's size)")
+        print(
+            f"  {f'ingesting Ray Train worker, {kind}':<44}{ray_small[f'peak_{kind}_mb']:>10.0f}{ray_local[f'peak_{kind}_mb']:>10.0f}"
+        )
+    print(
+        f"  (prepare_data into S3, {big}: {prep[f's3 {big}']:.0f} MB; a worker's shared pages are object-store "
+        "memory it has mapped, bounded by the store's size)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,13 +21,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from biglearn.export import write_export  # noqa: E402
-from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer  # noqa: E402
-from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, complete_tasks, parse_request  # noqa: E402
-from serve.app import app_from_config  # noqa: E402
+from biglearn.export import write_export
+from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
+from biglearn.serve.app import app_from_config
+from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, complete_tasks, parse_request
 
 CONCURRENCY = (1, 8, 32)
 
@@ -43,8 +40,19 @@ def random_export(folder: Path, size: str) -> str:
     """Untrained weights of a digits model (`quick` = the digits-quick recipe's architecture):
     serving cost does not depend on the weights."""
     d_model, num_layers, num_heads = SIZES[size]
-    spec = ModelSpec(model=ModelConfig(d_model=d_model, num_layers=num_layers, num_heads=num_heads), length=64, vocab_size=17, grid=(8, 8))
-    manifest = {"name": "digits", "kind": "discrete", "length": 64, "vocab_size": 17, "geometry": {"height": 8, "width": 8}}
+    spec = ModelSpec(
+        model=ModelConfig(d_model=d_model, num_layers=num_layers, num_heads=num_heads),
+        length=64,
+        vocab_size=17,
+        grid=(8, 8),
+    )
+    manifest = {
+        "name": "digits",
+        "kind": "discrete",
+        "length": 64,
+        "vocab_size": 17,
+        "geometry": {"height": 8, "width": 8},
+    }
     write_export(folder, UniversalTransformer(spec).state_dict(), spec, manifest, {"benchmark": True})
     return str(folder)
 
@@ -82,7 +90,13 @@ async def _load(url: str, concurrency: int, max_requests: int, max_seconds: floa
         started = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return {"rps": len(latencies) / wall, "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99), "n": len(latencies), "failed": len(failures)}
+    return {
+        "rps": len(latencies) / wall,
+        "p50": percentile(latencies, 0.5),
+        "p99": percentile(latencies, 0.99),
+        "n": len(latencies),
+        "failed": len(failures),
+    }
 
 
 def in_process(export: str, concurrency: int, repeats: int, device: str) -> dict:
@@ -94,13 +108,21 @@ def in_process(export: str, concurrency: int, repeats: int, device: str) -> dict
         started = time.perf_counter()
         complete_tasks(served.model, tasks, served.device)
         times.append(time.perf_counter() - started)
-    return {"rps": concurrency / percentile(times, 0.5), "p50": percentile(times, 0.5), "p99": percentile(times, 0.99), "n": repeats * concurrency, "failed": 0}
+    return {
+        "rps": concurrency / percentile(times, 0.5),
+        "p50": percentile(times, 0.5),
+        "p99": percentile(times, 0.99),
+        "n": repeats * concurrency,
+        "failed": 0,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", help="export folder (default: an untrained model of --size)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="quick", help="model size without --export (default: %(default)s)")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="quick", help="model size without --export (default: %(default)s)"
+    )
     parser.add_argument("--requests", type=int, default=240, help="most requests per cell (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=15, help="most seconds per cell (default: %(default)s)")
     parser.add_argument("--gpu", action="store_true", help="give the replica a GPU, and run the in-process call on it")
@@ -117,7 +139,7 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/complete"
     results = {}
@@ -125,8 +147,13 @@ def main() -> int:
         app, run_kwargs, _ = app_from_config(
             export=export,
             overrides=[f"batching.enabled={str(batching).lower()}", "batching.max_batch_rows=32", "torch_threads=1"],
-            deployment={"num_replicas": 1, "max_ongoing_requests": 32, "max_queued_requests": -1,
-                        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.gpu else 0}, "logging_config": {"enable_access_log": False}},
+            deployment={
+                "num_replicas": 1,
+                "max_ongoing_requests": 32,
+                "max_queued_requests": -1,
+                "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.gpu else 0},
+                "logging_config": {"enable_access_log": False},
+            },
         )
         serve.run(app, **run_kwargs)
         load(url, 4, 16, 30)  # warm-up: first calls pay for lazy initialisation
@@ -138,7 +165,9 @@ def main() -> int:
     for c in CONCURRENCY:
         results[("model", c)] = in_process(export, c, repeats=max(3, 48 // c), device=device)
 
-    print("\nconcurrency | batching on: req/s  p50 ms  p99 ms | batching off: req/s  p50 ms  p99 ms | in-process call: req/s  ms/call | on/off")
+    print(
+        "\nconcurrency | batching on: req/s  p50 ms  p99 ms | batching off: req/s  p50 ms  p99 ms | in-process call: req/s  ms/call | on/off"
+    )
     for c in CONCURRENCY:
         on, off, model = results[("on", c)], results[("off", c)], results[("model", c)]
         print(
@@ -147,7 +176,9 @@ def main() -> int:
         )
     failed = sum(r["failed"] for r in results.values())
     overhead = results[("on", 1)]["p50"] - results[("model", 1)]["p50"]
-    print(f"Serve overhead at concurrency 1 (p50, batching on, minus the in-process call): {overhead * 1e3:.1f} ms; failed requests: {failed}")
+    print(
+        f"Serve overhead at concurrency 1 (p50, batching on, minus the in-process call): {overhead * 1e3:.1f} ms; failed requests: {failed}"
+    )
     counts = ", ".join(f"{mode}@{c}={r['n']}" for (mode, c), r in results.items() if mode != "model")
     print(f"requests per cell: {counts}")
     return 0

@@ -1,6 +1,6 @@
 """Training-step throughput, measured side by side in one run (run by hand, not in CI).
 
-    python benchmarks/train_step.py [--steps 100] [--threads N] [--pairs 2] [--config jobs/configs/digits-quick.yaml]
+    python benchmarks/train_step.py [--steps 100] [--threads N] [--pairs 2] [--config biglearn/recipes/digits-quick.yaml]
 
 Prints, for the same model and batch size:
   1. samples/s of a bare PyTorch loop vs. the Ray Train + DeepSpeed loop (one worker, the real
@@ -36,8 +36,15 @@ from biglearn.train.config import PretrainConfig
 from biglearn.train.engine import autocast, build_engine, cpu_bf16
 
 
-def bare_loop(cfg: PretrainConfig, values: torch.Tensor, grid, steps: int, schedule: Schedule | None = None,
-              deepspeed: bool = False, **model_changes) -> float:
+def bare_loop(
+    cfg: PretrainConfig,
+    values: torch.Tensor,
+    grid,
+    steps: int,
+    schedule: Schedule | None = None,
+    deepspeed: bool = False,
+    **model_changes,
+) -> float:
     """samples/s of a plain PyTorch loop: the same model, roles and loss, no Ray, no DeepSpeed
     (with `deepspeed`, the pretraining loop's DeepSpeed engine in this process, still no Ray).
     A retrieving model remembers `values` (the training split), as the real loop's does."""
@@ -45,8 +52,9 @@ def bare_loop(cfg: PretrainConfig, values: torch.Tensor, grid, steps: int, sched
     schedule = schedule or cfg.schedule
     torch.manual_seed(0)
     memory_rows = len(values) if model_cfg.retrieval_neighbours else 0
-    model = UniversalTransformer(ModelSpec(model=model_cfg, length=values.shape[1], vocab_size=17, grid=grid,
-                                           memory_rows=memory_rows))
+    model = UniversalTransformer(
+        ModelSpec(model=model_cfg, length=values.shape[1], vocab_size=17, grid=grid, memory_rows=memory_rows)
+    )
     if memory_rows:
         model.memory.remember(values)
     if deepspeed:
@@ -124,7 +132,12 @@ def ray_deepspeed_loop(cfg: PretrainConfig, data: str, steps: int, threads: int)
                 "eval.num_joint=2",
                 "eval.num_shown=2",
             ]
-            + [f"{k}={json.dumps(v)}" for k, v in _flatten({"model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(mode="json")}).items()],
+            + [
+                f"{k}={json.dumps(v)}"
+                for k, v in _flatten(
+                    {"model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(mode="json")}
+                ).items()
+            ],
         )
         try:
             outcome = pretrain(run)
@@ -146,7 +159,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="jobs/configs/digits-quick.yaml")
+    parser.add_argument("--config", default="biglearn/recipes/digits-quick.yaml")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--pairs", type=int, default=2, help="bare / Ray+DeepSpeed pairs, run alternately")
@@ -189,20 +202,32 @@ def main() -> None:
 
     precision = "bf16 autocast" if cpu_bf16(cfg.train.precision) else "fp32"
     ratios = [ray_ds / bare_run for bare_run, ray_ds in pairs]
-    print(f"model {cfg.model.d_model}d x {cfg.model.num_layers} layers, batch {cfg.optim.batch_size}, "
-          f"{args.threads} threads, {precision}")
+    print(
+        f"model {cfg.model.d_model}d x {cfg.model.num_layers} layers, batch {cfg.optim.batch_size}, "
+        f"{args.threads} threads, {precision}"
+    )
     for index, ((bare_run, ray_ds), ratio) in enumerate(zip(pairs, ratios), 1):
-        print(f"pair {index}: bare PyTorch loop {bare_run:8.1f}, Ray Train + DeepSpeed (1 worker) {ray_ds:8.1f} "
-              f"samples/s: {ratio:.2f}x")
-    print(f"Ray Train + DeepSpeed / bare, median of {len(ratios)} pairs: {statistics.median(ratios):.2f}x  "
-          f"(target >= 0.85x)")
-    print(f"bare loop with an idle local Ray up {bare_ray_idle:8.1f} samples/s: {bare_ray_idle / bare:.2f}x of the "
-          "median bare run")
-    print(f"DeepSpeed engine, no Ray           {in_process:8.1f} samples/s: {in_process / bare:.2f}x of the median bare run")
+        print(
+            f"pair {index}: bare PyTorch loop {bare_run:8.1f}, Ray Train + DeepSpeed (1 worker) {ray_ds:8.1f} "
+            f"samples/s: {ratio:.2f}x"
+        )
+    print(
+        f"Ray Train + DeepSpeed / bare, median of {len(ratios)} pairs: {statistics.median(ratios):.2f}x  "
+        f"(target >= 0.85x)"
+    )
+    print(
+        f"bare loop with an idle local Ray up {bare_ray_idle:8.1f} samples/s: {bare_ray_idle / bare:.2f}x of the "
+        "median bare run"
+    )
+    print(
+        f"DeepSpeed engine, no Ray           {in_process:8.1f} samples/s: {in_process / bare:.2f}x of the median bare run"
+    )
     print(f"roles + packing                    {100 * share:8.2f} % of a step  (target <= 5%)")
     if without_retrieval:
-        print(f"retrieval ({cfg.model.retrieval_neighbours} neighbours of {len(values)}): {with_retrieval:.1f} vs "
-              f"{without_retrieval:.1f} samples/s without, {with_retrieval / without_retrieval:.2f}x")
+        print(
+            f"retrieval ({cfg.model.retrieval_neighbours} neighbours of {len(values)}): {with_retrieval:.1f} vs "
+            f"{without_retrieval:.1f} samples/s without, {with_retrieval / without_retrieval:.2f}x"
+        )
     for granularity, (dropped, kept) in drop_speedup.items():
         print(
             f"marginal tasks per {granularity:<7} drop absent {dropped:.1f} vs keep {kept:.1f} samples/s: "

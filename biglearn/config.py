@@ -1,8 +1,9 @@
 """Typed configuration: one pydantic model per job, loaded from YAML with `--set a.b=value`.
 
-Every config class derives from `Config` (frozen, unknown keys rejected). `load_config` turns
-pydantic's validation errors into one `ConfigError` whose message says which key was wrong,
-what it got, and (for unknown keys) which keys are valid there.
+Every config class derives from `Config` (frozen, unknown keys rejected; a field's docstring is
+its description). `load_config` turns pydantic's validation errors into one `ConfigError` whose
+message says which key was wrong, what it got, and (for unknown keys) which keys are valid there.
+A config file is a path or the name of a recipe shipped in `biglearn/recipes/`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,22 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails, to_jsonable_python
 
 C = TypeVar("C", bound="Config")
 
 
+RECIPES = Path(__file__).with_name("recipes")
+
+
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, use_attribute_docstrings=True)
 
 
 class ConfigError(ValueError):
@@ -47,22 +53,85 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def job_parser(description: str, config_help: str, set_example: str, default_config: str | None = None) -> argparse.ArgumentParser:
-    """The command line every job starts from: `--config` YAML and repeated `--set KEY=VALUE`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package, by the name `--config` takes."""
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file: the path itself when it is a file, else the packaged recipe of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = RECIPES / f"{name_or_path}.yaml"
+    if path.suffix == "" and path.name == str(name_or_path) and recipe.is_file():
+        return recipe
+    raise ConfigError(
+        f"config {str(name_or_path)!r} is neither a file nor a packaged recipe; recipes: {', '.join(recipe_names())}"
+    )
+
+
+def config_keys(cls: type[BaseModel]) -> str:
+    """Every key of `cls` as `section.key = default  description` lines (for --help)."""
+    lines = [f"{cls.__name__} keys (set with --set KEY=VALUE; values are YAML):"]
+    width = 38
+    for key, default, description in _walk(cls, ""):
+        lines.append(f"  {f'{key} = {default}':<{width}} {description}".rstrip())
+    return "\n".join(lines)
+
+
+def _walk(cls: type[BaseModel], prefix: str) -> typing.Iterator[tuple[str, str, str]]:
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = _unwrap(field.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and field.default is not None:
+            yield from _walk(annotation, f"{key}.")
+            continue
+        if field.is_required():
+            default = "(required)"
+        else:
+            value = to_jsonable_python(field.get_default(call_default_factory=True))
+            default = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+            if len(default) > 60:
+                default = default[:57] + "..."
+        summary = " ".join((field.description or "").split())
+        summary = summary.split(". ")[0].rstrip(".")
+        yield key, default, summary[:100] + ("..." if len(summary) > 100 else "")
+
+
+def job_parser(
+    description: str,
+    config_help: str,
+    set_example: str,
+    default_config: str | None = None,
+    config_class: type[BaseModel] | None = None,
+    prog: str | None = None,
+) -> argparse.ArgumentParser:
+    """The command line every job starts from: `--config` (a YAML path or a recipe name), repeated
+    `--set KEY=VALUE` and `--print-config`; `--help` lists `config_class`'s keys."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_keys(config_class) if config_class is not None else None,
+    )
     parser.add_argument("--config", default=default_config, help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {set_example}")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return parser
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
-    """Builds `cls` from a YAML file (optional) plus `--set` overrides."""
+def config_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML (what --print-config shows)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """Builds `cls` from a YAML file or recipe name (optional) plus `--set` overrides."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (recipes live in jobs/configs/)")
+        path = config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -83,7 +152,7 @@ def validate_config(cls: type[C], data: dict[str, Any], source: str = "config") 
         raise ConfigError(f"invalid {cls.__name__} ({source}):\n  - " + "\n  - ".join(problems)) from None
 
 
-def _describe(cls: type[BaseModel], err: dict[str, Any]) -> str:
+def _describe(cls: type[BaseModel], err: ErrorDetails) -> str:
     loc = [str(part) for part in err["loc"]]
     key = ".".join(loc) or "<top level>"
     if err["type"] == "extra_forbidden":

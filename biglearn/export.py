@@ -1,10 +1,10 @@
 """The servable export: a folder a server can load without unpickling anything.
 
-    model.safetensors   weights
-    model.json          ModelSpec (architecture, L, V, grid)
-    manifest.json       the training dataset's manifest (what the values mean)
-    config.json         the resolved training config (no secrets)
-    panel.json          panel scores, when evaluation ran (written by the evaluator)
+model.safetensors   weights
+model.json          ModelSpec (architecture, L, V, grid)
+manifest.json       the training dataset's manifest (what the values mean)
+config.json         the resolved training config (no secrets)
+panel.json          panel scores, when evaluation ran (written by the evaluator)
 """
 
 from __future__ import annotations
@@ -71,4 +71,3 @@ def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple
     if missing or unexpected:
         raise ExportError(f"{weights_path} does not match {SPEC}: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval(), spec
-

@@ -1,4 +1,4 @@
-"""BigLearn-GAN: adversarial big learning for continuous data (method.md section 2, our design).
+"""BigLearn-GAN: adversarial big learning for continuous data (docs/method.md section 4, our design).
 
 A generator G (a `UniversalTransformer` with per-target noise) fills the targets of x given its
 sources: x_hat = (x_S, G(x_S, z; S, T)_T). A critic D (a `UniversalTransformer` with a class
@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biglearn.model import ModelSpec
 from biglearn.roles import ABSENT, TARGET
 from biglearn.transforms import apply_orthogonal, haar_orthogonal
 
@@ -78,7 +80,7 @@ def pose_tasks(
         none_B = torch.zeros(B, dtype=torch.bool, device=device)
         return GanTask(roles_BL, roles_BL, roles_BL, none_B, None)
     draws = 1 if per_batch else B
-    transformed_B = (torch.rand(draws, generator=generator, device=generator.device) < transform_probability)
+    transformed_B = torch.rand(draws, generator=generator, device=generator.device) < transform_probability
     n = L * patch_dim if flattens(L, patch_dim) else patch_dim
     a = haar_orthogonal(n, generator, batch=draws)
     transformed_B, a = transformed_B.to(device).expand(B), a.to(device).expand(B, n, n)
@@ -136,7 +138,8 @@ def generate(
 ) -> torch.Tensor:
     """One sample per row in one generator pass: sources (and absent positions) pass through
     unchanged, targets are drawn with noise from `generator` (one, or one per row)."""
-    noise_BLZ = draw_noise(values_BLP, generator_model.spec.noise_dim, generator)
+    spec = cast(ModelSpec, generator_model.spec)
+    noise_BLZ = draw_noise(values_BLP, spec.noise_dim, generator)
     return fill_targets(generator_model, values_BLP, roles_BL, noise_BLZ)
 
 
@@ -176,7 +179,9 @@ def critic_loss(
     return CriticLoss(loss, adversarial_B.detach(), r1_B.detach())
 
 
-def r1_penalty(critic: nn.Module, real_BLP: torch.Tensor, roles_BL: torch.Tensor, transformed_B: torch.Tensor | None) -> torch.Tensor:
+def r1_penalty(
+    critic: nn.Module, real_BLP: torch.Tensor, roles_BL: torch.Tensor, transformed_B: torch.Tensor | None
+) -> torch.Tensor:
     """r1_B = |grad_x D(x)|^2 at the real examples, differentiable in D's parameters."""
     real_BLP = real_BLP.detach().requires_grad_(True)
     score_B = critic(real_BLP, roles_BL, transformed_B=transformed_B).float()
@@ -184,7 +189,9 @@ def r1_penalty(critic: nn.Module, real_BLP: torch.Tensor, roles_BL: torch.Tensor
     return grad_BLP.float().square().flatten(1).sum(1)
 
 
-def generator_loss(critic: nn.Module, fake_BLP: torch.Tensor, roles_BL: torch.Tensor, transformed_B: torch.Tensor | None) -> torch.Tensor:
+def generator_loss(
+    critic: nn.Module, fake_BLP: torch.Tensor, roles_BL: torch.Tensor, transformed_B: torch.Tensor | None
+) -> torch.Tensor:
     """loss_B: the non-saturating generator loss softplus(-D(fake)) per example."""
     return F.softplus(-critic(fake_BLP, roles_BL, transformed_B=transformed_B).float())
 

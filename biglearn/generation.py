@@ -16,7 +16,8 @@ Legend: B = batch, L = positions, V = vocabulary, N = remaining targets in the b
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 

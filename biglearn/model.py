@@ -30,7 +30,7 @@ N = memory rows, R = neighbours retrieved.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,28 +57,28 @@ class ModelConfig(Config):
     d_model: PositiveInt = 128
     num_layers: PositiveInt = 4
     num_heads: PositiveInt = 4
-    mlp_ratio: float = Field(4.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     drop_absent: bool = True
     summary_width: NonNegativeInt = 0
     """> 0 adds a global path of this hidden width: an MLP over all the example's source values at
     once (one-hot tokens or patches, zeros elsewhere; a critic's sees its targets too, in a second
     channel) whose output joins every position's input.
     Attention has to learn to pool the sources; this path sees them all from the first layer,
-    like a classifier over the raw input. On the digits it lifted completion accuracy by 5-9
-    points at equal steps, and made the panel NLL worse by 0.01-0.07 nats at 1,000 steps and
-    0.15 at 2,000 (benchmarks/README.md). It ties the model to its trained length."""
+    like a classifier over the raw input. On the digits it raises completion accuracy at equal
+    steps but worsens the panel NLL, more so in longer runs (benchmarks/README.md). It ties the
+    model to its trained length."""
     retrieval_neighbours: NonNegativeInt = 0
     """> 0 keeps the training split in the model as a memory and gives every position, besides its
     own input, what this many memory examples hold at that position: those nearest to the
     example on its source positions (`NeighbourMemory`). In training an example never retrieves
-    itself. On the digits, 5 neighbours lifted completion accuracy from 0.77 to 0.86 at equal
-    steps and cut the panel NLL by 0.18 nats (benchmarks/README.md). The memory is part of the
+    itself. On the digits, 5 neighbours raise completion accuracy at equal steps and lower the
+    panel NLL (benchmarks/README.md). The memory is part of the
     weights and the export (a split of N examples adds N x L values) and is searched by brute
     force: for small datasets. Not for critics."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         return self
@@ -115,9 +115,11 @@ class ModelSpec(Config):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelSpec":
+    def _check(self) -> ModelSpec:
         if self.carries_training_data != (self.memory_rows > 0):
-            raise ValueError(f"carries_training_data must be {self.memory_rows > 0} with memory_rows {self.memory_rows}")
+            raise ValueError(
+                f"carries_training_data must be {self.memory_rows > 0} with memory_rows {self.memory_rows}"
+            )
         if (self.vocab_size is None) == (self.patch_dim is None):
             raise ValueError("a model spec needs exactly one of vocab_size (discrete) and patch_dim (continuous)")
         if (self.noise_dim or self.critic) and self.patch_dim is None:
@@ -189,11 +191,14 @@ class UniversalTransformer(nn.Module):
         cfg = spec.model
         self.spec = spec
         d = cfg.d_model
-        self.value_embed = nn.Linear(spec.patch_dim, d) if spec.continuous else nn.Embedding(spec.vocab_size, d)
+        value_width = spec.patch_dim or spec.vocab_size  # P, or V: exactly one is set (ModelSpec._check)
+        assert value_width is not None
+        self.value_embed = nn.Linear(value_width, d) if spec.continuous else nn.Embedding(value_width, d)
         self.mask_embed = nn.Parameter(torch.zeros(d))
         self.role_embed = nn.Embedding(3, d)
         self.grid_positions = spec.continuous and spec.grid is not None
         if self.grid_positions:
+            assert spec.grid is not None
             self.row_embed = nn.Parameter(torch.zeros(spec.grid[0], d))
             self.col_embed = nn.Parameter(torch.zeros(spec.grid[1], d))
         else:
@@ -207,16 +212,17 @@ class UniversalTransformer(nn.Module):
         # attention kernels have no second derivative, the written-out softmax attention has.
         self.blocks = nn.ModuleList(Block(cfg, explicit_attention=spec.critic) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 1 if spec.critic else spec.patch_dim or spec.vocab_size)
+        self.head = nn.Linear(d, 1 if spec.critic else value_width)
         self.summary = None
         if cfg.summary_width:
             # A critic's path sees sources and targets in separate channels: it judges whether they agree.
-            features = spec.length * (spec.patch_dim or spec.vocab_size) * (2 if spec.critic else 1)
+            features = spec.length * value_width * (2 if spec.critic else 1)
             self.summary = nn.Sequential(
                 nn.Linear(features, cfg.summary_width), nn.GELU(), nn.Linear(cfg.summary_width, d)
             )
         outside_LV = None
         if spec.position_vocab is not None:
+            assert spec.vocab_size is not None  # position_vocab is for tokens (ModelSpec._check)
             tokens_V, ranges_L2 = torch.arange(spec.vocab_size), torch.tensor(spec.position_vocab)
             outside_LV = (tokens_V[None, :] < ranges_L2[:, :1]) | (tokens_V[None, :] >= ranges_L2[:, 1:])
         self.register_buffer("outside_LV", outside_LV, persistent=False)
@@ -229,7 +235,7 @@ class UniversalTransformer(nn.Module):
         critic = [self.class_embed, self.view_embed] if spec.critic else []
         for param in [*positions, self.mask_embed, *critic]:  # this order keeps discrete inits as they were
             nn.init.normal_(param, std=0.02)
-        silent = [self.summary[-1]] if self.summary is not None else []
+        silent = [cast(nn.Linear, self.summary[-1])] if self.summary is not None else []
         if self.memory is not None:
             silent.append(self.memory.embed)
         for layer in silent:
@@ -248,10 +254,12 @@ class UniversalTransformer(nn.Module):
     def _shown_features(self, values: torch.Tensor, roles_BL: torch.Tensor) -> torch.Tensor:
         """features_BLF for the summary path: one-hot tokens or patches at sources (and, for a
         critic, at targets in a second channel), zeros elsewhere."""
-        dtype = self.summary[0].weight.dtype
+        assert self.summary is not None  # called for the summary path only
+        dtype = cast(nn.Linear, self.summary[0]).weight.dtype
         if self.spec.continuous:
             features_BLF = values.to(dtype)
         else:
+            assert self.spec.vocab_size is not None
             features_BLF = F.one_hot(values.long().clamp(0, self.spec.vocab_size - 1), self.spec.vocab_size).to(dtype)
         channels = [SOURCE, TARGET] if self.spec.critic else [SOURCE]
         return torch.cat([features_BLF * (roles_BL == role)[..., None].to(dtype) for role in channels], -1)
@@ -268,6 +276,7 @@ class UniversalTransformer(nn.Module):
         if spec.continuous:
             shown_BLD = self.value_embed(values.to(self.value_embed.weight.dtype))
         else:
+            assert spec.vocab_size is not None
             shown_BLD = self.value_embed(values.long().clamp(0, spec.vocab_size - 1))
         hidden_BLD = self.mask_embed.to(shown_BLD.dtype).expand_as(shown_BLD)
         if spec.noise_dim:
@@ -327,24 +336,30 @@ class NeighbourMemory(nn.Module):
     decoding a joint sample, a small marginal) most of the memory ties, and index order handed
     every such row the same neighbours. A row's neighbours still do not depend on the rest of its
     batch, and training meets the same order as generation. Patches keep index order among exact
-    ties: a generator's samples differ by their noise, and the keyed order measured worse on the
-    digits GAN (README.md, Results). In training mode the memory example equal
+    ties: a generator's samples differ by their noise, and the keyed order scored worse on the
+    digits GAN (docs/results.md). In training mode the memory example equal
     to the whole example is skipped, so a training example never retrieves itself (its targets):
     the loss sees what held-out examples, which are not in the memory, will get.
     """
 
-    def __init__(self, spec: "ModelSpec", neighbours: int):
+    examples: torch.Tensor  # buffers
+    position_keys: torch.Tensor
+
+    def __init__(self, spec: ModelSpec, neighbours: int):
         super().__init__()
         self.neighbours, self.vocab_size = neighbours, spec.vocab_size
-        shape, dtype = (spec.memory_rows, spec.length), torch.long
-        if spec.continuous:
+        shape: tuple[int, ...] = (spec.memory_rows, spec.length)
+        dtype = torch.long
+        if spec.patch_dim is not None:  # continuous
             shape, dtype = (*shape, spec.patch_dim), torch.float32
         self.register_buffer("examples", torch.zeros(shape, dtype=dtype))
         keys = torch.randint(1, 2**31, (spec.length,), generator=torch.Generator().manual_seed(TIE_SEED))
         self.register_buffer("position_keys", keys, persistent=False)
         # Token distances are whole numbers: a tie break below 1 reorders ties only.
         self.tie_scale = 0.5 if spec.vocab_size is not None else 0.0
-        self.embed = nn.Linear(neighbours * (spec.vocab_size or spec.patch_dim), spec.model.d_model)
+        value_width = spec.vocab_size or spec.patch_dim  # V, or P: exactly one is set (ModelSpec._check)
+        assert value_width is not None
+        self.embed = nn.Linear(neighbours * value_width, spec.model.d_model)
 
     def remember(self, examples: torch.Tensor) -> None:
         if examples.shape != self.examples.shape:
@@ -371,7 +386,9 @@ class NeighbourMemory(nn.Module):
         # Distances decide which examples are found: full precision, whatever autocast says.
         with torch.autocast(values.device.type, enabled=False):
             x_BF = torch.where(source_BF, whole_BF.float(), 0.0)
-            distance_BN = x_BF.square().sum(1, keepdim=True) - 2 * x_BF @ memory_NF.T + source_BF.float() @ memory_NF.square().T
+            distance_BN = (
+                x_BF.square().sum(1, keepdim=True) - 2 * x_BF @ memory_NF.T + source_BF.float() @ memory_NF.square().T
+            )
             if self.tie_scale:
                 distance_BN = distance_BN + self.tie_scale * self._tie_breaks(whole_BF, source_BF)
         if not self.training:
@@ -398,7 +415,7 @@ def _explicit_attention(q_BHKE, k_BHKE, v_BHKE, attend_B11K, dropout_p):
     """Softmax attention written out, for reduced precision on CPU.
 
     There torch's fused flash-attention backward is 3-4x slower in bfloat16 than in float32
-    (measured at K=64, E=32), while these plain batched matmuls are faster than either; the
+    (at K=64, E=32), while these plain batched matmuls are faster than either; the
     softmax itself runs in float32.
     """
     scores_BHKK = (q_BHKE @ k_BHKE.transpose(-1, -2)) * q_BHKE.shape[-1] ** -0.5

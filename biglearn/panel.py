@@ -8,7 +8,7 @@ Legend: B = batch, L = positions.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

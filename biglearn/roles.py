@@ -83,7 +83,7 @@ class Schedule(Config):
     inner_steps: PositiveInt = 1
 
     @model_validator(mode="after")
-    def _check(self) -> "Schedule":
+    def _check(self) -> Schedule:
         if not any(spec.weight > 0 for spec in self.families.values()):
             raise ValueError("schedule.families needs at least one family with weight > 0")
         if self.inner_steps > 1 and self.granularity != "batch":
@@ -99,8 +99,7 @@ class Schedule(Config):
         if grid is None and used & IMAGE_FAMILIES:
             names = ", ".join(sorted(f.value for f in used & IMAGE_FAMILIES))
             raise ValueError(
-                f"schedule families {names} need an image grid, and this dataset has no geometry; "
-                "set their weight to 0"
+                f"schedule families {names} need an image grid, and this dataset has no geometry; set their weight to 0"
             )
 
 
@@ -138,7 +137,9 @@ def without_missing(roles_BL: torch.Tensor, observed_BL: torch.Tensor, generator
     uniformly (rows with nothing observed keep none)."""
     roles_BL = torch.where(observed_BL, roles_BL, torch.full_like(roles_BL, ABSENT))
     orphan_B = ~(roles_BL == TARGET).any(1) & observed_BL.any(1)
-    pick_B = torch.where(observed_BL, torch.rand(roles_BL.shape, generator=generator, device=roles_BL.device), -1.0).argmax(1)
+    pick_B = torch.where(
+        observed_BL, torch.rand(roles_BL.shape, generator=generator, device=roles_BL.device), -1.0
+    ).argmax(1)
     chosen_BL = F.one_hot(pick_B, roles_BL.shape[1]).bool() & orphan_B[:, None]
     return torch.where(chosen_BL, torch.full_like(roles_BL, TARGET), roles_BL)
 
@@ -229,4 +230,3 @@ def _mix(*parts: int) -> int:
     for part in parts:
         value = (value ^ (part + 0x632BE59BD9B4E019 + (value << 6) + (value >> 2))) % (2**61 - 1)
     return value
-

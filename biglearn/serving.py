@@ -82,7 +82,7 @@ class DecodingConfig(Config):
     """What a request gets for the decoding fields it leaves out."""
 
     steps: PositiveInt = 16
-    order: Order = "random"  # confidence order collapses joint samples (README.md, Results)
+    order: Order = "random"  # confidence order collapses joint samples (docs/results.md)
     temperature: NonNegativeFloat = 1.0
     top_k: PositiveInt | None = None
     guidance: NonNegativeFloat = 0.0
@@ -95,14 +95,16 @@ class ServingConfig(Config):
     torch_threads: PositiveInt | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ServingConfig":
+    def _check(self) -> ServingConfig:
         if self.batching.max_batch_rows < self.limits.max_num_samples:
             raise ValueError(
                 f"batching.max_batch_rows ({self.batching.max_batch_rows}) must be >= limits.max_num_samples "
                 f"({self.limits.max_num_samples}): one request's samples share a batch"
             )
         if self.decoding.steps > self.limits.max_steps:
-            raise ValueError(f"decoding.steps ({self.decoding.steps}) exceeds limits.max_steps ({self.limits.max_steps})")
+            raise ValueError(
+                f"decoding.steps ({self.decoding.steps}) exceeds limits.max_steps ({self.limits.max_steps})"
+            )
         return self
 
 
@@ -114,18 +116,25 @@ class ColumnCard(BaseModel):
 
     name: str
     type: Literal["numeric", "categorical", "boolean"]
-    categories: list[str] | None = Field(None, description="categorical: the values it takes")
-    minimum: float | None = Field(None, description="numeric: the smallest training value (smaller ones count as it)")
-    maximum: float | None = Field(None, description="numeric: the largest training value (larger ones count as it)")
-    integer: bool = Field(False, description="numeric: values are whole numbers")
+    categories: list[str] | None = Field(default=None, description="categorical: the values it takes")
+    minimum: float | None = Field(
+        default=None, description="numeric: the smallest training value (smaller ones count as it)"
+    )
+    maximum: float | None = Field(
+        default=None, description="numeric: the largest training value (larger ones count as it)"
+    )
+    integer: bool = Field(default=False, description="numeric: values are whole numbers")
 
 
 def column_card(column: TableColumn) -> ColumnCard:
     if column.type == "numeric":
-        return ColumnCard(name=column.name, type="numeric", minimum=column.edges[0], maximum=column.edges[-1],
-                          integer=column.integer)
-    return ColumnCard(name=column.name, type=column.type,
-                      categories=column.categories if column.type == "categorical" else None)
+        assert column.edges is not None  # every numeric column has its bin edges (TableColumn)
+        return ColumnCard(
+            name=column.name, type="numeric", minimum=column.edges[0], maximum=column.edges[-1], integer=column.integer
+        )
+    return ColumnCard(
+        name=column.name, type=column.type, categories=column.categories if column.type == "categorical" else None
+    )
 
 
 class ModelCard(BaseModel):
@@ -142,9 +151,11 @@ class ModelCard(BaseModel):
     config_sha256: str = Field(description="sha256 of the training config (canonical JSON)")
     architecture: dict[str, Any]
     carries_training_data: bool = Field(
-        description="the weights hold training examples (a retrieval memory): sharing the export shares them")
+        description="the weights hold training examples (a retrieval memory): sharing the export shares them"
+    )
     columns: list[ColumnCard] | None = Field(
-        None, description="a table model's columns, in position order: requests name them in values and target")
+        default=None, description="a table model's columns, in position order: requests name them in values and target"
+    )
 
 
 class ExportedModel:
@@ -154,7 +165,9 @@ class ExportedModel:
         folder = Path(folder)
         self.model, self.spec = load_export(folder, device)
         if max_length is not None and self.spec.length > max_length:
-            raise ValueError(f"the export's sequence length {self.spec.length} exceeds limits.max_length ({max_length})")
+            raise ValueError(
+                f"the export's sequence length {self.spec.length} exceeds limits.max_length ({max_length})"
+            )
         self.device = torch.device(device)
         manifest = _read_json(folder / "manifest.json")
         config = _read_json(folder / "config.json")
@@ -176,6 +189,8 @@ class ExportedModel:
             columns=[column_card(column) for column in self.table.columns] if self.table else None,
         )
         self.image_shape = _png_shape(self.spec, geometry)
+        self.vocab_size = self.spec.vocab_size or 0
+        """V of a token model; 0 for a generator (its values are patches)."""
         self.problem = self._probe()
 
     @torch.no_grad()
@@ -184,7 +199,7 @@ class ExportedModel:
         spec = self.spec
         roles_BL = torch.full((1, spec.length), TARGET, dtype=torch.int8, device=self.device)
         if spec.continuous:
-            values_BLP = torch.zeros(1, spec.length, spec.patch_dim, device=self.device)
+            values_BLP = torch.zeros(1, spec.length, spec.patch_dim or 1, device=self.device)
             out = self.model(values_BLP, roles_BL, torch.zeros(1, spec.length, spec.noise_dim, device=self.device))
         else:
             out = self.model(torch.zeros_like(roles_BL, dtype=torch.long), roles_BL)
@@ -205,7 +220,7 @@ def _png_shape(spec: ModelSpec, geometry: dict | None) -> tuple[int, int] | None
     if spec.continuous or not geometry or geometry.get("channels", 1) != 1 or geometry.get("patch", 1) != 1:
         return None
     height, width = geometry["height"], geometry["width"]
-    return (height, width) if height * width == spec.length and spec.vocab_size <= 256 else None
+    return (height, width) if height * width == spec.length and (spec.vocab_size or 0) <= 256 else None
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -220,7 +235,7 @@ class ImageInput(BaseModel):
 
     png: str = Field(description="base64 PNG, greyscale, the model's height x width")
     mask: str | None = Field(
-        None, description="base64 PNG of the same size: white (>= 128) = known pixel; default: all known"
+        default=None, description="base64 PNG of the same size: white (>= 128) = known pixel; default: all known"
     )
 
 
@@ -240,23 +255,26 @@ class CompleteRequest(BaseModel):
     )
 
     values: list[KnownValue | None] | dict[int, KnownValue] | dict[str, Cell | None] | None = Field(
-        None,
+        default=None,
         description="known values: a full-length list with null for unknown, or {position: value}; "
         "a value is a token id, or for a continuous model a patch of P numbers (a number when P = 1); "
         "a table model takes {column: value} (null = unknown)",
     )
     image: ImageInput | None = None
     target: Literal["rest"] | list[StrictInt] | list[StrictStr] = Field(
-        "rest", description='positions (a table model: column names) to generate, or "rest" = every one not known'
+        default="rest",
+        description='positions (a table model: column names) to generate, or "rest" = every one not known',
     )
     num_samples: PositiveInt = 1
-    seed: int = Field(0, ge=0, lt=2**63)
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_k: PositiveInt | None = None
     steps: PositiveInt | None = None
     order: Order | None = None
     guidance: float | None = Field(
-        None, ge=0, allow_inf_nan=False,
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
         description="w > 0 sharpens the samples toward the known values: each step samples from "
         "p(x | known) * (p(x | known) / p(x))^w, the same model asked again without the known values",
     )
@@ -276,7 +294,9 @@ class CompleteResponse(BaseModel):
 
     samples: list[Sample]
     estimate: dict[str, Cell | None] | None = Field(
-        None, description="a table model: per target column the mean (numeric) or most frequent value over the samples")
+        default=None,
+        description="a table model: per target column the mean (numeric) or most frequent value over the samples",
+    )
     seed: int
     steps: int | None = None
     temperature: float | None = None
@@ -336,7 +356,9 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
     # Guidance decodes every row twice (with and without the given values), so it counts twice.
     passes = 2 if decoding is not None and decoding.guidance > 0 else 1
     if request.num_samples * length * passes > limits.max_tokens_per_request:
-        work = f"num_samples * length{' * 2 (guidance)' if passes == 2 else ''} = {request.num_samples * length * passes}"
+        work = (
+            f"num_samples * length{' * 2 (guidance)' if passes == 2 else ''} = {request.num_samples * length * passes}"
+        )
         raise RequestError(f"{work} exceeds {limits.max_tokens_per_request}; ask for fewer samples")
     if request.return_png and served.image_shape is None:
         raise RequestError("return_png: this model's positions are not the pixels of an image; leave it false")
@@ -369,13 +391,15 @@ def _target_positions(target: Literal["rest"] | list[int] | list[str], known_L: 
     if target == "rest":
         target_L = ~known_L
         if not target_L.any():
-            raise RequestError('target is "rest" but every position is known: leave some unknown or list target positions')
+            raise RequestError(
+                'target is "rest" but every position is known: leave some unknown or list target positions'
+            )
         return target_L
     if not target:
         raise RequestError('target is empty: list at least one position, or use "rest"')
     if not all(isinstance(position, int) for position in target):
         raise RequestError("target lists column names, but this model is not a table: list positions (whole numbers)")
-    positions = _positions(target, length, "target")
+    positions = _positions([int(position) for position in target], length, "target")
     if len(set(positions)) != len(positions):
         raise RequestError("target lists a position more than once")
     target_L = torch.zeros(length, dtype=torch.bool)
@@ -388,6 +412,23 @@ def _target_positions(target: Literal["rest"] | list[int] | list[str], known_L: 
 
 def _table_cells(request: CompleteRequest, table: TableSchema) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """(values_L, known_L, target_L, given cells) of a table model's request by column name."""
+    values_L, known_L, given = _table_values(request, table)
+    if request.target == "rest":
+        target_L = ~known_L
+        if not target_L.any():
+            raise RequestError('target is "rest" but every column is given: leave some out or list target columns')
+        return values_L, known_L, target_L, given
+    target_L = _target_columns(request.target, table)
+    both = [name for name in request.target if name in given]
+    if both:
+        raise RequestError(
+            f"column(s) {both[:10]} are both given and targets: leave them out of one of values and target"
+        )
+    return values_L, known_L, target_L, given
+
+
+def _table_values(request: CompleteRequest, table: TableSchema) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(values_L, known_L, given cells) of a table model's `values` by column name."""
     names = [column.name for column in table.columns]
     if request.image is not None or isinstance(request.values, list):
         field = "image" if request.image is not None else "values"
@@ -395,29 +436,52 @@ def _table_cells(request: CompleteRequest, table: TableSchema) -> tuple[torch.Te
     given = {str(name): value for name, value in (request.values or {}).items() if value is not None}
     unknown = [name for name in given if name not in names]
     if unknown:
-        raise RequestError(f"values names column(s) {unknown[:10]} that this model does not have; its columns are {names}")
+        raise RequestError(
+            f"values names column(s) {unknown[:10]} that this model does not have; its columns are {names}"
+        )
     cells = {column.name: _cell(column, given.get(column.name)) for column in table.columns}
     known_L = torch.tensor([name in given for name in names])
     values_L = torch.from_numpy(encode(table, cells)[0].astype(np.int64))
-    if request.target == "rest":
-        target_L = ~known_L
-        if not target_L.any():
-            raise RequestError('target is "rest" but every column is given: leave some out or list target columns')
-        return values_L, known_L, target_L, given
-    if not request.target:
+    return values_L, known_L, given
+
+
+def _target_columns(target: list[int] | list[str], table: TableSchema) -> torch.Tensor:
+    """target_L of a list of column names."""
+    names = [column.name for column in table.columns]
+    if not target:
         raise RequestError('target is empty: list at least one column, or use "rest"')
-    if not all(isinstance(name, str) for name in request.target):
+    if not all(isinstance(name, str) for name in target):
         raise RequestError(f"target: this model is a table; list column names (of {names}), not positions")
-    unknown = [name for name in request.target if name not in names]
+    unknown = [name for name in target if name not in names]
     if unknown:
-        raise RequestError(f"target names column(s) {unknown[:10]} that this model does not have; its columns are {names}")
-    if len(set(request.target)) != len(request.target):
+        raise RequestError(
+            f"target names column(s) {unknown[:10]} that this model does not have; its columns are {names}"
+        )
+    if len(set(target)) != len(target):
         raise RequestError("target lists a column more than once")
-    both = [name for name in request.target if name in given]
-    if both:
-        raise RequestError(f"column(s) {both[:10]} are both given and targets: leave them out of one of values and target")
-    target_L = torch.tensor([name in request.target for name in names])
-    return values_L, known_L, target_L, given
+    return torch.tensor([name in target for name in names])
+
+
+def parse_scoring(request: CompleteRequest, served: ExportedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values_L, roles_L) to score log p(x_T | x_S): `request.values` holds the sources and the
+    targets' values too, `request.target` lists the targets; raises RequestError saying what to fix."""
+    if served.spec.continuous:
+        raise RequestError("this model is a BigLearn-GAN generator: it draws samples but has no likelihood to score")
+    if request.target == "rest":
+        raise RequestError("target: list the positions (a table model: column names) whose given values are scored")
+    if served.table is not None:
+        values_L, known_L, _ = _table_values(request, served.table)
+        target_L = _target_columns(request.target, served.table)
+    else:
+        values_L, known_L = _known_values(request, served)
+        target_L = _target_positions(request.target, torch.zeros_like(known_L))
+    if (target_L & ~known_L).any():
+        missing = torch.nonzero(target_L & ~known_L)[:, 0].tolist()
+        raise RequestError(f"positions {missing[:10]} are targets without a value: give the values to score")
+    roles_L = torch.full(known_L.shape, ABSENT, dtype=torch.int8)
+    roles_L[known_L] = SOURCE
+    roles_L[target_L] = TARGET
+    return torch.where(known_L, values_L, 0), roles_L
 
 
 def _cell(column: TableColumn, value: Any) -> np.ndarray:
@@ -435,8 +499,9 @@ def _cell(column: TableColumn, value: Any) -> np.ndarray:
         return np.array([value], dtype=object)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RequestError(f"{where}: column {column.name!r} is categorical; send one of its categories as text")
-    if str(value) not in column.categories:
-        shown = ", ".join(column.categories[:20]) + (", ..." if len(column.categories) > 20 else "")
+    categories = column.categories or []
+    if str(value) not in categories:
+        shown = ", ".join(categories[:20]) + (", ..." if len(categories) > 20 else "")
         raise RequestError(f"{where}: not a category of column {column.name!r}; it has {shown} (GET /v1/model)")
     return np.array([str(value)], dtype=object)
 
@@ -460,7 +525,7 @@ def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torc
     if request.image is not None:
         if served.image_shape is None:
             raise RequestError("image: this model's positions are not the pixels of an image; send `values`")
-        values_L = decode_png(request.image.png, served.image_shape, spec.vocab_size, "image.png")
+        values_L = decode_png(request.image.png, served.image_shape, served.vocab_size, "image.png")
         if request.image.mask is None:
             return values_L, torch.ones(spec.length, dtype=torch.bool)
         mask_L = decode_png(request.image.mask, served.image_shape, 2, "image.mask")
@@ -474,9 +539,11 @@ def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torc
         known = {position: value for position, value in enumerate(request.values) if value is not None}
     else:
         known = {}
-        for key, value in request.values.items():
+        for key, value in (request.values or {}).items():
             if isinstance(key, str) and not key.isdigit():
-                raise RequestError(f"values names column {key!r}, but this model is not a table: send {{position: value}}")
+                raise RequestError(
+                    f"values names column {key!r}, but this model is not a table: send {{position: value}}"
+                )
             if isinstance(value, (bool, str)):
                 raise RequestError(f"values[{key}] = {json.dumps(value)} is neither a token id nor a number")
             known[int(key)] = value
@@ -484,16 +551,20 @@ def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torc
     known_L = torch.zeros(spec.length, dtype=torch.bool)
     known_L[list(known)] = True
     if spec.continuous:
+        assert spec.patch_dim is not None  # a generator's values are patches (ModelSpec)
         values_LP = torch.zeros(spec.length, spec.patch_dim)
         for position, value in known.items():
             values_LP[position] = torch.tensor(_patch(value, position, spec.patch_dim))
         return values_LP, known_L
+    vocab_size = served.vocab_size
     values_L = torch.zeros(spec.length, dtype=torch.long)
     for position, value in known.items():
         if not isinstance(value, int):
-            raise RequestError(f"values[{position}] = {value} is not a token id: this model takes whole numbers 0..{spec.vocab_size - 1}")
-        if not 0 <= value < spec.vocab_size:
-            raise RequestError(f"values[{position}] = {value} is outside the vocabulary 0..{spec.vocab_size - 1}")
+            raise RequestError(
+                f"values[{position}] = {value} is not a token id: this model takes whole numbers 0..{vocab_size - 1}"
+            )
+        if not 0 <= value < vocab_size:
+            raise RequestError(f"values[{position}] = {value} is outside the vocabulary 0..{vocab_size - 1}")
         values_L[position] = value
     return values_L, known_L
 
@@ -516,13 +587,22 @@ def _positions(positions: list[int], length: int, field: str) -> list[int]:
 # --- PNG ------------------------------------------------------------------------------------
 
 
+def grey_image(values_L: torch.Tensor | np.ndarray, shape: tuple[int, int], vocab_size: int) -> Image.Image:
+    """The greyscale image of a row-major image of values 0..V-1."""
+    top = max(vocab_size - 1, 1)
+    values = values_L.cpu().numpy() if isinstance(values_L, torch.Tensor) else np.asarray(values_L)
+    return Image.fromarray(np.rint(values.reshape(shape) * (255 / top)).astype(np.uint8), mode="L")
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def encode_png(values_L: torch.Tensor, shape: tuple[int, int], vocab_size: int) -> str:
     """Base64 greyscale PNG of a row-major image of values 0..V-1."""
-    top = max(vocab_size - 1, 1)
-    grey_HW = np.rint(values_L.cpu().numpy().reshape(shape) * (255 / top)).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(grey_HW, mode="L").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return png_base64(grey_image(values_L, shape, vocab_size))
 
 
 def decode_png(data: str, shape: tuple[int, int], vocab_size: int, field: str) -> torch.Tensor:
@@ -533,7 +613,9 @@ def decode_png(data: str, shape: tuple[int, int], vocab_size: int, field: str) -
             if image.format != "PNG":
                 raise RequestError(f"{field}: expected a PNG, got {image.format}")
             if image.size != (shape[1], shape[0]):
-                raise RequestError(f"{field}: image is {image.size[0]}x{image.size[1]} (WxH); this model takes {shape[1]}x{shape[0]}")
+                raise RequestError(
+                    f"{field}: image is {image.size[0]}x{image.size[1]} (WxH); this model takes {shape[1]}x{shape[0]}"
+                )
             grey_HW = np.asarray(image.convert("L"), dtype=np.float64)
     except (binascii.Error, UnidentifiedImageError, OSError) as exc:
         raise RequestError(f"{field}: not a base64-encoded PNG ({exc})") from None
@@ -558,7 +640,7 @@ def complete_tasks(model: torch.nn.Module, tasks: list[Task], device: torch.devi
     Rows with different (S, T) share one model call; token tasks with different decoding settings
     (steps, order, temperature, top-k, guidance) need separate calls, one per setting.
     """
-    results: list[torch.Tensor | None] = [None] * len(tasks)
+    results: list[torch.Tensor] = [torch.empty(0)] * len(tasks)
     by_decoding: dict[Decoding | None, list[int]] = {}
     for index, task in enumerate(tasks):
         by_decoding.setdefault(task.decoding, []).append(index)
@@ -585,7 +667,9 @@ def respond(task: Task, samples: torch.Tensor, served: ExportedModel) -> Complet
     answers = [
         Sample(
             values=row.tolist(),
-            png=encode_png(row, served.image_shape, served.spec.vocab_size) if task.return_png else None,
+            png=encode_png(row, served.image_shape, served.vocab_size)
+            if task.return_png and served.image_shape
+            else None,
         )
         for row in samples
     ]
@@ -602,7 +686,9 @@ def _table_response(task: Task, samples_NL: torch.Tensor, table: TableSchema) ->
     targets = [index for index in range(len(table.columns)) if task.roles_L[index] == TARGET]
     tokens_NL[:, [index for index in range(len(table.columns)) if index not in targets]] = MISSING
     drawn = decode(table, tokens_NL, np.random.default_rng(task.seed))
-    estimate = point_estimate(table, [{name: cells[row:row + 1] for name, cells in drawn.items()} for row in range(len(tokens_NL))])
+    estimate = point_estimate(
+        table, [{name: cells[row : row + 1] for name, cells in drawn.items()} for row in range(len(tokens_NL))]
+    )
     answers = []
     for row in range(len(tokens_NL)):
         cells = dict(task.given or {})
@@ -610,8 +696,11 @@ def _table_response(task: Task, samples_NL: torch.Tensor, table: TableSchema) ->
             column = table.columns[index]
             cells[column.name] = _typed(column, drawn[column.name][row])
         answers.append(Sample(values=cells))
-    estimates = {table.columns[index].name: _typed(table.columns[index], estimate[table.columns[index].name][0], mean=True)
-                 for index in targets}
+    estimates = {
+        table.columns[index].name: _typed(table.columns[index], estimate[table.columns[index].name][0], mean=True)
+        for index in targets
+    }
+    assert task.decoding is not None  # a table model is a token model
     return CompleteResponse(samples=answers, estimate=estimates, seed=task.seed, **dataclasses.asdict(task.decoding))
 
 

@@ -54,10 +54,21 @@ class Imputer(TransformerMixin, BaseEstimator):
         workers: Ray Train workers.
     """
 
-    def __init__(self, steps: int = 1000, batch_size: int = 128, lr: float = 1e-3, d_model: int = 128,
-                 num_layers: int = 4, num_heads: int = 4, dropout: float = 0.1, bins: int = 8,
-                 categorical: tuple[str, ...] = (),
-                 decode_steps: int = 4, seed: int = 0, workers: int = 1):
+    def __init__(
+        self,
+        steps: int = 1000,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        d_model: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        bins: int = 8,
+        categorical: tuple[str, ...] = (),
+        decode_steps: int = 4,
+        seed: int = 0,
+        workers: int = 1,
+    ):
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
         self.d_model, self.num_layers, self.num_heads, self.dropout = d_model, num_layers, num_heads, dropout
         self.bins, self.categorical, self.decode_steps = bins, categorical, decode_steps
@@ -65,7 +76,7 @@ class Imputer(TransformerMixin, BaseEstimator):
 
     # --- training ------------------------------------------------------------------------------
 
-    def fit(self, X, y=None) -> "Imputer":
+    def fit(self, X, y=None) -> Imputer:
         """Trains on the rows of X (no complete row needed); returns self."""
         from biglearn.config import load_config
         from biglearn.data.prepare import write_source
@@ -79,18 +90,32 @@ class Imputer(TransformerMixin, BaseEstimator):
         batch_size = max(self.workers, min(self.batch_size, rows // self.workers * self.workers))
         with tempfile.TemporaryDirectory(prefix="biglearn-imputer-") as scratch:
             source = TableSource("table", values, kinds, self.bins, {"rows": _digest(values)})
-            write_source(source, f"{scratch}/data", name="table", validation_fraction=0.0, seed=self.seed,
-                         rows_per_shard=100_000)
-            families = "{conditional: {weight: 0.6, source: {a: 4, b: 1}}, marginal: {weight: 0.2}, joint: {weight: 0.2}}"
+            write_source(
+                source, f"{scratch}/data", name="table", validation_fraction=0.0, seed=self.seed, rows_per_shard=100_000
+            )
+            families = (
+                "{conditional: {weight: 0.6, source: {a: 4, b: 1}}, marginal: {weight: 0.2}, joint: {weight: 0.2}}"
+            )
             settings = [
-                f"data.path={scratch}/data", "data.validation_split=train", f"run.storage={scratch}/runs", "run.name=imputer",
-                f"model.d_model={self.d_model}", f"model.num_layers={self.num_layers}", f"model.num_heads={self.num_heads}",
+                f"data.path={scratch}/data",
+                "data.validation_split=train",
+                f"run.storage={scratch}/runs",
+                "run.name=imputer",
+                f"model.d_model={self.d_model}",
+                f"model.num_layers={self.num_layers}",
+                f"model.num_heads={self.num_heads}",
                 f"model.dropout={self.dropout}",
-                f"schedule.families={families}", f"optim.lr={self.lr}", f"optim.batch_size={batch_size}",
-                f"optim.warmup_steps={min(100, max(1, self.steps // 10))}", f"train.steps={self.steps}",
-                f"train.seed={self.seed}", f"train.log_every={max(1, self.steps // 10)}",
-                f"train.checkpoint_every={self.steps}", f"cluster.num_workers={self.workers}",
-                "eval.panel_examples=256", "eval.panel_steps=2",
+                f"schedule.families={families}",
+                f"optim.lr={self.lr}",
+                f"optim.batch_size={batch_size}",
+                f"optim.warmup_steps={min(100, max(1, self.steps // 10))}",
+                f"train.steps={self.steps}",
+                f"train.seed={self.seed}",
+                f"train.log_every={max(1, self.steps // 10)}",
+                f"train.checkpoint_every={self.steps}",
+                f"cluster.num_workers={self.workers}",
+                "eval.panel_examples=256",
+                "eval.panel_steps=2",
             ]
             outcome = pretrain(load_config(PretrainConfig, None, settings))
             model, spec = load_export(outcome.export)
@@ -115,8 +140,12 @@ class Imputer(TransformerMixin, BaseEstimator):
         cells = self._read(X)
         values_NL, roles_NL, given_NL = self._tasks(cells)
         with torch.no_grad():
-            logits_NLV = torch.cat([self.model_(values_NL[rows], roles_NL[rows]).float()
-                                    for rows in torch.arange(len(values_NL)).split(TRANSFORM_ROWS)]).numpy()
+            logits_NLV = torch.cat(
+                [
+                    self.model_(values_NL[rows], roles_NL[rows]).float()
+                    for rows in torch.arange(len(values_NL)).split(TRANSFORM_ROWS)
+                ]
+            ).numpy()
         return _like(X, list(self.feature_names_in_), _kept(cells, given_NL, expected_cells(self.schema_, logits_NLV)))
 
     def sample_imputations(self, X, n_draws: int) -> list:
@@ -134,7 +163,9 @@ class Imputer(TransformerMixin, BaseEstimator):
         cells = {name: np.full(n_rows, given.get(name, None), dtype=object) for name in names}
         for column in self.schema_.columns:
             if column.type == "numeric":
-                cells[column.name] = np.array([np.nan if v is None else v for v in cells[column.name]], dtype=np.float64)
+                cells[column.name] = np.array(
+                    [np.nan if v is None else v for v in cells[column.name]], dtype=np.float64
+                )
         return self._fill(cells, 1, self.seed if seed is None else seed)[0]
 
     def _completions(self, X, count: int) -> list[dict[str, np.ndarray]]:
@@ -145,8 +176,10 @@ class Imputer(TransformerMixin, BaseEstimator):
         self._check_fitted()
         names, values, _ = _table_of(X, list(self.categorical), fitted=self)
         if names != list(self.feature_names_in_):
-            raise ValueError(f"X has columns {names}; the imputer was fitted on {list(self.feature_names_in_)} "
-                             "(same names, same order)")
+            raise ValueError(
+                f"X has columns {names}; the imputer was fitted on {list(self.feature_names_in_)} "
+                "(same names, same order)"
+            )
         return values
 
     def _fill(self, cells: dict[str, np.ndarray], count: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -176,11 +209,16 @@ class Imputer(TransformerMixin, BaseEstimator):
         from biglearn.export import write_export
 
         self._check_fitted()
-        write_export(Path(path), self.model_.state_dict(), self.model_.spec, self.manifest_.model_dump(mode="json"),
-                     {"imputer": self.get_params()})
+        write_export(
+            Path(path),
+            self.model_.state_dict(),
+            self.model_.spec,
+            self.manifest_.model_dump(mode="json"),
+            {"imputer": self.get_params()},
+        )
 
     @classmethod
-    def load(cls, path: str | Path, **settings) -> "Imputer":
+    def load(cls, path: str | Path, **settings) -> Imputer:
         """An imputer from an export: one saved by `save`, or one `jobs/pretrain.py` trained on a table."""
         from biglearn.export import load_export
 
@@ -201,8 +239,10 @@ class Imputer(TransformerMixin, BaseEstimator):
 
 def _kept(cells: dict[str, np.ndarray], given_NL: np.ndarray, filled: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`filled` with the given cells of `cells` put back exactly as they came."""
-    return {name: np.where(given_NL[:, index], cells[name], filled[name]).astype(filled[name].dtype)
-            for index, name in enumerate(filled)}
+    return {
+        name: np.where(given_NL[:, index], cells[name], filled[name]).astype(filled[name].dtype)
+        for index, name in enumerate(filled)
+    }
 
 
 def _table_of(X, categorical: list[str], fitted: Imputer | None = None) -> tuple[list[str], dict, dict]:
@@ -220,15 +260,21 @@ def _table_of(X, categorical: list[str], fitted: Imputer | None = None) -> tuple
         if array.ndim != 2:
             raise ValueError(f"X must be 2-D (rows x columns), got shape {array.shape}")
         names = [f"x{index}" for index in range(array.shape[1])]
-        columns = {name: [None if _is_missing(v) else v for v in array[:, index].tolist()] for index, name in enumerate(names)}
+        columns = {
+            name: [None if _is_missing(v) else v for v in array[:, index].tolist()] for index, name in enumerate(names)
+        }
     if fitted is None:
-        values, kinds = arrow_columns(pa.table({name: _arrow(cells) for name, cells in columns.items()}), names, categorical, [])
+        values, kinds = arrow_columns(
+            pa.table({name: _arrow(cells) for name, cells in columns.items()}), names, categorical, []
+        )
         return names, values, kinds
     values = {}
     for column in fitted.schema_.columns:
         cells = columns.get(column.name, [])
         if column.type == "numeric":
-            values[column.name] = np.array([_number(cell, column.name, row) for row, cell in enumerate(cells)], np.float64)
+            values[column.name] = np.array(
+                [_number(cell, column.name, row) for row, cell in enumerate(cells)], np.float64
+            )
         else:
             values[column.name] = np.array(cells, dtype=object)
     return names, values, {}

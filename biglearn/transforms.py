@@ -1,12 +1,12 @@
 """Transformed domains: tasks posed on linear views y = A x with a Haar-random orthogonal A.
 
 Big learning also matches marginals and conditionals of rotated/reflected copies of the data
-(method.md section 2): a fresh orthogonal A per task, then e.g. the 1-D marginal of (A x)_1 or
+(docs/method.md section 5): a fresh orthogonal A per task, then e.g. the 1-D marginal of (A x)_1 or
 the conditional of (A x)_1 given (A x)_2. Because A is orthogonal, the joint of y carries the
 same information as the joint of x, so the global optimum is shared by every view, while each
 view's marginals and conditionals see directions that the coordinate axes do not.
 
-Where A acts (the rule the BigLearn-GAN will follow; this module only samples and applies it):
+Where A acts (the rule the BigLearn-GAN follows; this module only samples and applies it):
   * an example is L positions of P values each (P = 1 for scalar columns, P = patch size for
     images). When the flattened example is small, L * P <= 256 (the 2-D Gaussian mixtures,
     tables, 8x8 digits), A is one [L*P, L*P] matrix applied to the whole flattened example, so

@@ -67,8 +67,14 @@ class LocalCluster:
     # --- starting ------------------------------------------------------------------------------
 
     @classmethod
-    def up(cls, state_dir: str | Path = DEFAULT_STATE_DIR, workers: int = 2, cpus_per_worker: float = 1,
-           object_store_mb: int = 200, timeout_s: float = 120) -> "LocalCluster":
+    def up(
+        cls,
+        state_dir: str | Path = DEFAULT_STATE_DIR,
+        workers: int = 2,
+        cpus_per_worker: float = 1,
+        object_store_mb: int = 200,
+        timeout_s: float = 120,
+    ) -> LocalCluster:
         state = Path(state_dir).resolve()
         if (state / "cluster.json").exists():
             raise LocalClusterError(f"{state}/cluster.json exists: a cluster is up there; run `down` first")
@@ -83,9 +89,16 @@ class LocalCluster:
         temp_dir = f"/tmp/biglearn-ray-{hashlib.sha1(str(state).encode()).hexdigest()[:10]}"
         gcs_port, dashboard_port = _free_port(), _free_port()
         cluster = cls(str(state), temp_dir, f"{HOST}:{gcs_port}", f"http://{HOST}:{dashboard_port}", str(token))
-        head_args = ["--head", f"--port={gcs_port}", f"--temp-dir={temp_dir}", "--num-cpus=0",
-                     "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
-                     f"--ray-client-server-port={_free_port()}"]
+        head_args = [
+            "--head",
+            f"--port={gcs_port}",
+            f"--temp-dir={temp_dir}",
+            "--num-cpus=0",
+            "--include-dashboard=true",
+            f"--dashboard-host={HOST}",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={_free_port()}",
+        ]
         # The dashboard's own metrics server has a fixed default port (44227) that another cluster
         # on this machine may hold; on a busy machine the dashboard can need more than 60 s to start.
         head_env = {"DASHBOARD_METRIC_PORT": str(_free_port()), "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(int(timeout_s))}
@@ -93,8 +106,11 @@ class LocalCluster:
             cluster._start_node("head", head_args, object_store_mb, timeout_s, head_env)
             for index in range(1, workers + 1):
                 # One log monitor per machine: more would print every worker's output several times.
-                worker_args = [f"--address={cluster.gcs_address}", f"--num-cpus={cpus_per_worker}",
-                               "--include-log-monitor=false"]
+                worker_args = [
+                    f"--address={cluster.gcs_address}",
+                    f"--num-cpus={cpus_per_worker}",
+                    "--include-log-monitor=false",
+                ]
                 cluster._start_node(f"worker-{index}", worker_args, object_store_mb, timeout_s)
         except BaseException:
             cluster.down()
@@ -105,30 +121,56 @@ class LocalCluster:
         """What a client (ray job submit, the Jobs SDK, ray.init) needs in its environment."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
 
-    def _start_node(self, name: str, role_args: list[str], object_store_mb: int, timeout_s: float,
-                    extra_env: dict[str, str] | None = None, attempts: int = 3) -> None:
+    def _start_node(
+        self,
+        name: str,
+        role_args: list[str],
+        object_store_mb: int,
+        timeout_s: float,
+        extra_env: dict[str, str] | None = None,
+        attempts: int = 3,
+    ) -> None:
         """Starts one node and waits until it is alive in the cluster. Ray gives a raylet a fixed
         30 s to register, which a busy machine can miss; such a start is tried again."""
         log = Path(self.state_dir) / f"{name}.log"
         known = set(self._alive_node_ids()) if self.nodes else set()
         # `python` in a job's entrypoint is this environment's, as on a cluster whose image has the project.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        env = {**os.environ, "PATH": path, **self.env(), **(extra_env or {}), CLUSTER_MARK: self.state_dir, NODE_MARK: name}
+        env = {
+            **os.environ,
+            "PATH": path,
+            **self.env(),
+            **(extra_env or {}),
+            CLUSTER_MARK: self.state_dir,
+            NODE_MARK: name,
+        }
         deadline = time.monotonic() + timeout_s
         for attempt in range(1, attempts + 1):
             metrics_port = _free_port()
             command = [
-                str(Path(sys.executable).with_name("ray")), "start", "--block", *role_args,
+                str(Path(sys.executable).with_name("ray")),
+                "start",
+                "--block",
+                *role_args,
                 f"--object-store-memory={object_store_mb * 2**20}",
-                f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                f"--metrics-export-port={metrics_port}", f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                f"--node-manager-port={_free_port()}",
+                f"--object-manager-port={_free_port()}",
+                f"--metrics-export-port={metrics_port}",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}",
                 "--disable-usage-stats",
             ]
             with open(log, "a") as out:
                 # Its own session: Ctrl-C in the shell that ran `up` does not reach the nodes.
-                process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           env=env, start_new_session=True)
+                process = subprocess.Popen(
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
             node = Node(name, process.pid, "", metrics_port, str(log))
             self.nodes = [n for n in self.nodes if n.name != name] + [node]
             self._save()
@@ -145,7 +187,10 @@ class LocalCluster:
                 time.sleep(0.5)
             if process.poll() is None:
                 raise LocalClusterError(f"node {name} did not join within {timeout_s:.0f} s ({last_error}); see {log}")
-            print(f"[local-cluster] node {name} failed to start (attempt {attempt}/{attempts}); see {log}", file=sys.stderr)
+            print(
+                f"[local-cluster] node {name} failed to start (attempt {attempt}/{attempts}); see {log}",
+                file=sys.stderr,
+            )
             self._kill_stragglers(lambda e: e.get(CLUSTER_MARK) == self.state_dir and e.get(NODE_MARK) == name)
         raise LocalClusterError(f"node {name} failed to start {attempts} times; see {log}")
 
@@ -171,7 +216,7 @@ class LocalCluster:
     # --- using and stopping --------------------------------------------------------------------
 
     @classmethod
-    def load(cls, state_dir: str | Path = DEFAULT_STATE_DIR) -> "LocalCluster":
+    def load(cls, state_dir: str | Path = DEFAULT_STATE_DIR) -> LocalCluster:
         path = Path(state_dir).resolve() / "cluster.json"
         if not path.exists():
             raise LocalClusterError(f"no local cluster recorded at {path}; start one with `up`")
@@ -276,10 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[local-cluster] {len(alive)}/{len(cluster.nodes)} node(s) running: {', '.join(alive)}; token auth on")
     env = " ".join(f"{key}={value}" for key, value in cluster.env().items())
     print(f"  export {env}\n  export RAY_ADDRESS={cluster.dashboard_url}   # Jobs API and dashboard")
-    print("  ray job submit --working-dir . -- python jobs/pretrain.py "
-          f"--set cluster.num_workers={len(cluster.nodes) - 1} --set run.storage=$PWD/runs")
+    print(
+        "  ray job submit --working-dir . -- python jobs/pretrain.py "
+        f"--set cluster.num_workers={len(cluster.nodes) - 1} --set run.storage=$PWD/runs"
+    )
     print("  metrics: " + ", ".join(f"{n.name} http://{HOST}:{n.metrics_port}/metrics" for n in cluster.nodes))
-    print(f"  logs: {cluster.temp_dir}/session_latest/logs; stop: python cluster/local.py down --state-dir {args.state_dir}")
+    print(
+        f"  logs: {cluster.temp_dir}/session_latest/logs; stop: python cluster/local.py down --state-dir {args.state_dir}"
+    )
     return 0
 
 

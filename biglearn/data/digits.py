@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,7 @@ def judge_pixels(values: np.ndarray, manifest: Manifest) -> np.ndarray:
     """Dataset values -> the judge's [N, 64] pixels on the 0..16 scale."""
     if manifest.kind == "discrete":
         return values
+    assert manifest.geometry is not None  # the continuous digits are 2x2 patches of 8x8 images
     images = from_patches(np.clip(values, 0.0, 1.0), manifest.geometry)
     return images.reshape(len(values), -1) * 16
 
@@ -96,7 +98,7 @@ class DigitsQuality:
     beside the validation digits' own.
     Marginal (the left half, the right half absent): the kernel distance on the left half's
     pixels, beside that of training digits.
-    Also the references of the old accuracy measure: the judge on the real validation digits,
+    Also references for the judge's accuracy alone: the judge on the real validation digits,
     and nearest-neighbour copies of the bottom half (nearest, or a random one of the 5 nearest).
     """
 
@@ -114,6 +116,7 @@ class DigitsQuality:
         self.judge = DigitJudge(self.train_images, self.train_labels)
         self.top_half = (np.arange(64) // 8) < 4  # of the pixels
         self.left_half = (np.arange(64) % 8) < 4
+        assert manifest.grid is not None  # the digits are 8x8 images
         rows, cols = manifest.grid
         positions = np.arange(rows * cols)
         self.top_half_positions = positions // cols < rows // 2  # of the model's positions
@@ -152,17 +155,17 @@ class DigitsQuality:
 
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
-        values = torch.from_numpy(values).to(device, dtype).repeat(draws, *([1] * (values.ndim - 1)))
-        length = values.shape[1]
+        inputs = torch.from_numpy(values).to(device, dtype).repeat(draws, *([1] * (values.ndim - 1)))
+        length = inputs.shape[1]
 
         def roles(pattern_L: torch.Tensor, rows: int) -> torch.Tensor:
             return pattern_L.to(torch.int8).to(device).expand(rows, length).contiguous()
 
         top, left = torch.from_numpy(self.top_half_positions), torch.from_numpy(self.left_half_positions)
-        completion = roles(torch.where(top, SOURCE, TARGET), len(values))
+        completion = roles(torch.where(top, SOURCE, TARGET), len(inputs))
         joint = roles(torch.full((length,), TARGET), num_joint)
         marginal = roles(torch.where(left, TARGET, ABSENT), num_joint)
-        return generator, values, completion, joint, marginal
+        return generator, inputs, completion, joint, marginal
 
     def score(self, model, *, steps: int, order: str, temperature: float, top_k: int | None, guidance: float = 0.0,
               seed: int = 0, num_joint: int = 500, draws: int = 8) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -179,7 +182,7 @@ class DigitsQuality:
             model, seed, self.images, torch.long, draws, num_joint)
         was_training = model.training
         model.eval()
-        decode = dict(steps=steps, order=order, temperature=temperature, top_k=top_k)
+        decode: dict[str, Any] = dict(steps=steps, order=order, temperature=temperature, top_k=top_k)
         completions = complete(model, values, roles, generator, guidance=guidance, **decode).cpu().numpy()
         blank = torch.zeros_like(joint_roles, dtype=torch.long)
         joint = complete(model, blank, joint_roles, generator, **decode).cpu().numpy()

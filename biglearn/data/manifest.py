@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -240,7 +240,7 @@ def shard_uris(uri: str, manifest: Manifest, split: str) -> list[str]:
     return [join(uri, shard.path) for shard in manifest.split(split)]
 
 
-def read_split(uri: str, manifest: Manifest, split: str, columns: list[str] = (VALUES,)) -> dict[str, np.ndarray]:
+def read_split(uri: str, manifest: Manifest, split: str, columns: Sequence[str] = (VALUES,)) -> dict[str, np.ndarray]:
     """Reads a whole (small) split into memory: for evaluation, not for training.
 
     `values` comes back as [N, L] (discrete) or [N, L, P] (continuous).

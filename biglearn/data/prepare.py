@@ -55,7 +55,7 @@ class PrepareConfig(Config):
     """Local folder or s3://bucket/prefix to write the dataset to."""
     name: str | None = None
     """Dataset name in the manifest (default: from the input)."""
-    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
     seed: int = 0
     """Seeds the train/validation split and the row order within each split."""
     rows_per_shard: PositiveInt = 10_000
@@ -209,6 +209,7 @@ def _exit_with(parent: int) -> None:
 
 
 def _write_adopted(output: str, fingerprint: str, split: str, index: int, rows: np.ndarray) -> Shard:
+    assert _adopted is not None  # set by _adopt, the pool's initializer
     return write_shard(_adopted, output, fingerprint, split, index, rows)
 
 

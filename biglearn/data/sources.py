@@ -25,7 +25,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Iterator, Literal, Union
+from typing import Annotated, Iterator, Literal, Union, cast
 
 import numpy as np
 from pydantic import Field, PositiveInt
@@ -44,7 +44,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 class ImageEncoding(Config):
     encoding: Literal["tokens", "patches"] = "tokens"
     """tokens: one quantised grayscale pixel per position; patches: continuous patch vectors."""
-    levels: int = Field(256, ge=2, le=256)
+    levels: int = Field(default=256, ge=2, le=256)
     """Token vocabulary for `tokens`: 8-bit pixels are quantised into this many levels."""
     patch: PositiveInt = 4
     """Patch side for `patches` (the image side must be a multiple of it)."""
@@ -107,7 +107,7 @@ class TableInput(Config):
     """Columns that hold numbers but are categories (codes, ids); text columns are categorical anyway."""
     missing: list[str] = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
     """Cell texts that mean a missing value."""
-    bins: int = Field(32, ge=2, le=4096)
+    bins: int = Field(default=32, ge=2, le=4096)
     """Quantile bins per numeric column (fitted on the training split only)."""
 
 
@@ -257,9 +257,11 @@ class IdxSource(Source):
 
     def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
         images = np.memmap(self.images_path, np.uint8, "r", self.images_offset).reshape(self.count, -1)
+        assert self.geometry is not None  # set by _image_shape
         h, w = self.geometry.height, self.geometry.width
         out = {"values": encode_images(np.asarray(images[indices_N]).reshape(-1, h, w, 1), self.cfg)}
         if self.labels_path:
+            assert self.labels_offset is not None  # read with the labels' path
             labels = np.memmap(self.labels_path, np.uint8, "r", self.labels_offset)
             out["label"] = np.asarray(labels[indices_N]).astype(np.int16)
         return out
@@ -335,6 +337,7 @@ class ImageFolderSource(Source):
                 pixels.append(np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, -1))
         out = {"values": encode_images(np.stack(pixels), self.cfg)}
         for column, name in enumerate(self.attribute_names):
+            assert self.attributes is not None  # read with the names
             out[name] = self.attributes[indices_N, column]
         return out
 
@@ -454,6 +457,7 @@ class TableSource(Source):
         return len(next(iter(self.values.values())))
 
     def rows(self, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        assert self.table is not None  # fitted before the rows are read
         return {"values": encode(self.table, {name: values[indices_N] for name, values in self.values.items()})}
 
     def identity(self) -> dict:
@@ -574,7 +578,8 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
 
 
 def gmm_modes(mixture: str) -> tuple[np.ndarray, float]:
-    """(means [K, 2], per-coordinate variance) of the paper's mixtures (method.md section 3-4)."""
+    """(means [K, 2], per-coordinate variance) of the paper's mixtures (paper Sections 3.3 and 4.1;
+    docs/method.md section 6)."""
     return paper_modes(mixture)  # one definition, shared with the simulations
 
 
@@ -605,8 +610,9 @@ def digits_source(encoding: Literal["tokens", "patches"] = "tokens", patch: int 
     """The embedded digits: tokens 0..16, or continuous patches of 0..16 / 16 (in [0, 1], the
     scale the BigLearn-GAN recipes use; other images are scaled to [-1, 1])."""
     from sklearn.datasets import load_digits
+    from sklearn.utils import Bunch
 
-    digits = load_digits()
+    digits = cast(Bunch, load_digits())  # not the (X, y) of return_X_y, which the annotation allows
     labels = digits.target.astype(np.int16)
     if encoding == "tokens":
         return ArraySource("digits", {"values": digits.data.astype(np.int16), "label": labels}, vocab_size=17,

@@ -268,7 +268,7 @@ def storage_errors(uri: str) -> Iterator[None]:
 
 
 def _s3_client():
-    import boto3
+    import boto3.session
 
     # boto3 reads the endpoint override (AWS_ENDPOINT_URL[_S3]) and credentials itself; a new
     # session each time, because the default one keeps the credentials it first found.

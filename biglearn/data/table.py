@@ -45,7 +45,11 @@ class TableColumn(Config):
 
     @property
     def size(self) -> int:
-        return len(self.edges) - 1 if self.type == "numeric" else len(self.categories)
+        if self.type == "numeric":
+            assert self.edges is not None  # numeric columns have bin edges, the others categories
+            return len(self.edges) - 1
+        assert self.categories is not None
+        return len(self.categories)
 
 
 class TableSchema(Config):
@@ -151,6 +155,7 @@ def _encode_column(column: TableColumn, values: np.ndarray) -> np.ndarray:
             index[numbers[present] == edges[bin_index]] = bin_index
         tokens[present] = column.offset + index
         return tokens
+    assert column.categories is not None  # not numeric
     lookup = {category: token for token, category in enumerate(column.categories)}
     for row, value in enumerate(values):
         if _missing(value):

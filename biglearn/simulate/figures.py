@@ -94,7 +94,7 @@ def heat_maps(
         level = np.sqrt(np.clip((values - lo) / max(hi - lo, 1e-12), 0, 1))
         # rows = first parameter (x axis), columns = second (y axis, up): transpose and flip
         pixels = _ramp(level.T[::-1])
-        tile = Image.fromarray(pixels).resize((size, size), Image.NEAREST)
+        tile = Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST)
         image.paste(tile, (left, top))
 
         def px(p1: float, p2: float) -> tuple[float, float]:
@@ -112,7 +112,12 @@ def heat_maps(
             draw.ellipse([sx - 4, sy - 4, sx + 4, sy + 4], fill=ORANGE)
             draw.ellipse([ex - 4, ey - 4, ex + 4, ey + 4], fill=BLUE, outline=WHITE)
         draw.text((left + 4, top + 4), panel["name"], fill=WHITE, font=_font(12))
-        draw.text((left, top + size + 3), f"{lo:.3f} .. {hi:.3f} nats; axes mu1, mu2 in [{low:g}, {high:g}]", fill=BLACK, font=_font(11))
+        draw.text(
+            (left, top + size + 3),
+            f"{lo:.3f} .. {hi:.3f} nats; axes mu1, mu2 in [{low:g}, {high:g}]",
+            fill=BLACK,
+            font=_font(11),
+        )
     _save(image, path)
 
 

@@ -1,4 +1,5 @@
-"""The 25-GMM reverse-KL simulation (method.md sections 3-4), every seed in one computation.
+"""The 25-GMM reverse-KL simulation (paper Section 4.1; docs/method.md section 6), every seed in one
+computation.
 
 Data q: 25 equal Gaussians at {-4, -2, 0, 2, 4}^2 with covariance 0.05 I. Model p: 25
 components with fixed uniform weights, free means (started in the corner, -5 + 0.1 N(0, I))
@@ -50,8 +51,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
@@ -105,7 +107,7 @@ class Gmm25Config(Config):
     dtype: Literal["float32", "float64"] = "float64"
 
     @model_validator(mode="after")
-    def _check(self) -> "Gmm25Config":
+    def _check(self) -> Gmm25Config:
         ends = [p.until for p in self.schedule]
         if any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] != 1.0:
             raise ValueError(f"schedule phases need increasing 'until' ending at 1.0, got {ends}")
@@ -168,7 +170,9 @@ class Draws:
     cond_eps_ROICK: torch.Tensor  # one conditional sample per (value, component)
 
 
-def draw_block(cfg: Gmm25Config, generators: list[torch.Generator], first: int, count: int, k: int, j: int, dtype) -> Draws:
+def draw_block(
+    cfg: Gmm25Config, generators: list[torch.Generator], first: int, count: int, k: int, j: int, dtype
+) -> Draws:
     weights_O3 = torch.tensor([cfg.phase(first + o).weights() for o in range(count)], dtype=torch.float64)
     n, i, c = cfg.num_samples, cfg.inner_steps, cfg.condition_values
     conditional = cfg.uses("conditional")
@@ -256,14 +260,16 @@ class Target:
     s22: torch.Tensor
 
     @staticmethod
-    def joint(data: Mixture) -> "Target":
+    def joint(data: Mixture) -> Target:
         chol = torch.linalg.cholesky(data.covs)
         return Target(data.means[:, 0], data.means[:, 1], chol[:, 0, 0], chol[:, 1, 0], chol[:, 1, 1])
 
     @staticmethod
-    def view(data: Mixture, a_GDD: torch.Tensor) -> "Target":
+    def view(data: Mixture, a_GDD: torch.Tensor) -> Target:
         view = data.linear(a_GDD)
-        return Target(view.means[..., 0], view.means[..., 1], view.covs[..., 0, 0], view.covs[..., 0, 1], view.covs[..., 1, 1])
+        return Target(
+            view.means[..., 0], view.means[..., 1], view.covs[..., 0, 0], view.covs[..., 0, 1], view.covs[..., 1, 1]
+        )
 
 
 def joint_grad(theta_GKP, q: Target, z_GN, eps_GND) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,9 +345,7 @@ def conditional_grad(theta_GKP, a_GDD, q: Target, s_GC, eps_GCK) -> tuple[torch.
     d_b11, d_b12 = 2 * d_s11 * b11 + d_s12 * b21, 2 * d_s11 * b12 + d_s12 * b22
     d_b21, d_b22 = d_s12 * b11 + 2 * d_s22 * b21, d_s12 * b12 + 2 * d_s22 * b22
     d_l11, d_l21, d_l22 = a11 * d_b11 + a21 * d_b21, a12 * d_b11 + a22 * d_b21, a12 * d_b12 + a22 * d_b22
-    grad = torch.stack(
-        [a11 * d_mt1 + a21 * d_mt2, a12 * d_mt1 + a22 * d_mt2, d_l11 * l11, d_l21, d_l22 * l22], -1
-    )
+    grad = torch.stack([a11 * d_mt1 + a21 * d_mt2, a12 * d_mt1 + a22 * d_mt2, d_l11 * l11, d_l21, d_l22 * l22], -1)
     return loss, grad
 
 
@@ -422,9 +426,14 @@ def train_gmm25(cfg: Gmm25Config, log: Callable[[str], None] = print) -> dict:
             raise FloatingPointError(f"non-finite parameters at outer step {step}: lower gmm25.lr")
         metrics = evaluate(theta, data, cfg.eval)
         losses = {name: float(loss_sum[i] / loss_count[i]) for i, name in enumerate(KINDS) if loss_count[i] > 0}
-        row = {"outer_step": step, **{n: v.tolist() for n, v in metrics.items() if n != "covered"}, "train_loss": losses}
+        row = {
+            "outer_step": step,
+            **{n: v.tolist() for n, v in metrics.items() if n != "covered"},
+            "train_loss": losses,
+        }
         row["clipped"] = int(clipped)
-        loss_sum.zero_(), loss_count.zero_(), clipped.zero_()
+        for accumulator in (loss_sum, loss_count, clipped):
+            accumulator.zero_()
         history.append(row)
         elapsed = time.perf_counter() - start
         eta = elapsed / max(step, 1) * (cfg.outer_steps - step)
@@ -469,7 +478,9 @@ def train_gmm25(cfg: Gmm25Config, log: Callable[[str], None] = print) -> dict:
     return {"per_seed": per_seed, "median_modes_covered": median, "history": history, "wall_seconds": wall}
 
 
-def _outer_step(cfg: Gmm25Config, lr: float, theta, data: Mixture, joint_target: Target, draws, o, loss_sum, loss_count, clipped) -> None:
+def _outer_step(
+    cfg: Gmm25Config, lr: float, theta, data: Mixture, joint_target: Target, draws, o, loss_sum, loss_count, clipped
+) -> None:
     """One task per run (drawn in `draws`), then cfg.inner_steps SGD steps on it."""
     runs = theta.shape[0]
     kind_R, a_RDD = draws.kind_RO[:, o], draws.a_RODD[:, o]
@@ -508,6 +519,7 @@ def _outer_step(cfg: Gmm25Config, lr: float, theta, data: Mixture, joint_target:
             else:
                 grad = torch.zeros_like(theta) if grad is None else grad
                 grad.index_add_(0, idx, g)
+        assert grad is not None  # every run has a task in one of the groups
         if cfg.clip_norm is not None:
             norm = grad.square().sum(-1, keepdim=True).sqrt()
             clipped[0] += (norm > cfg.clip_norm).sum()

@@ -1,4 +1,4 @@
-"""The 2-GMM landscape study (method.md section 4, the paper's Section 3.3).
+"""The 2-GMM landscape study (paper Section 3.3; docs/method.md section 6).
 
 Data q = 1/2 N((-1, 0), 0.1 I) + 1/2 N((1, 0), 0.1 I). Model p: the same family with the two
 x_1-means (mu1, mu2) free; the x_2-means stay 0, the covariances 0.1 I, the weights 1/2.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
@@ -55,7 +55,7 @@ class LandscapeConfig(Config):
     descent: DescentSpec = DescentSpec()
 
     @model_validator(mode="after")
-    def _check(self) -> "LandscapeConfig":
+    def _check(self) -> LandscapeConfig:
         if self.high <= self.low:
             raise ValueError(f"landscape.high ({self.high}) must exceed landscape.low ({self.low})")
         return self

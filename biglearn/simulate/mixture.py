@@ -43,13 +43,13 @@ class Mixture:
     covs: torch.Tensor
 
     @staticmethod
-    def equal(means_KD: torch.Tensor, covs_KDD: torch.Tensor) -> "Mixture":
+    def equal(means_KD: torch.Tensor, covs_KDD: torch.Tensor) -> Mixture:
         k = means_KD.shape[-2]
         log_w = torch.full(means_KD.shape[:-1], -math.log(k), dtype=means_KD.dtype, device=means_KD.device)
         return Mixture(log_w, means_KD, covs_KDD)
 
     @staticmethod
-    def paper(name: str, dtype: torch.dtype = torch.float64) -> "Mixture":
+    def paper(name: str, dtype: torch.dtype = torch.float64) -> Mixture:
         means, variance = paper_modes(name, dtype)
         eye = torch.eye(2, dtype=dtype)
         return Mixture.equal(means, variance * eye.expand(len(means), 2, 2).clone())
@@ -58,7 +58,7 @@ class Mixture:
     def dim(self) -> int:
         return self.means.shape[-1]
 
-    def detach(self) -> "Mixture":
+    def detach(self) -> Mixture:
         return Mixture(self.log_weights.detach(), self.means.detach(), self.covs.detach())
 
     def component_log_probs(self, x_ND: torch.Tensor) -> torch.Tensor:
@@ -87,20 +87,20 @@ class Mixture:
         """log p(x) for x [..., N, D]; returns [..., N]."""
         return torch.logsumexp(self.component_log_probs(x_ND), dim=-1)
 
-    def linear(self, a_ED: torch.Tensor) -> "Mixture":
+    def linear(self, a_ED: torch.Tensor) -> Mixture:
         """The mixture of y = A x, A [..., E, D] (E <= D rows: a view, or its first rows)."""
         a_1ED = a_ED.unsqueeze(-3)
         means = torch.einsum("...ed,...kd->...ke", a_ED, self.means)
         covs = a_1ED @ self.covs @ a_1ED.transpose(-1, -2)
         return Mixture(self.log_weights, means, covs)
 
-    def marginal(self, dims: list[int]) -> "Mixture":
+    def marginal(self, dims: list[int]) -> Mixture:
         """The marginal of the coordinates `dims` (closed form: keep them in every component)."""
         index = torch.tensor(dims, device=self.means.device)
         covs = self.covs.index_select(-2, index).index_select(-1, index)
         return Mixture(self.log_weights, self.means.index_select(-1, index), covs)
 
-    def condition(self, s_NS: torch.Tensor, source: list[int], target: list[int]) -> "Mixture":
+    def condition(self, s_NS: torch.Tensor, source: list[int], target: list[int]) -> Mixture:
         """p(x_T | x_S = s) for each of N values s [..., N, |S|]: a mixture with batch [..., N].
 
         Weights are the responsibilities of the components for s; component k is the Gaussian

@@ -1,5 +1,6 @@
-"""The paper's equal-weight Gaussian mixtures (method.md section 4), numpy only: one definition
-for the simulations and for the data converters (which do not import torch).
+"""The paper's equal-weight Gaussian mixtures (paper Sections 3.3 and 4.1; docs/method.md section 6),
+numpy only: one definition for the simulations and for the data converters (which do not import
+torch).
 
 gmm2:  1/2 N((-1, 0), 0.1 I) + 1/2 N((1, 0), 0.1 I)
 gmm25: 25 components at {-4, -2, 0, 2, 4}^2 (row-major over x_1, x_2), covariance 0.05 I

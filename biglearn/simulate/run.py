@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import PositiveInt, model_validator
@@ -34,7 +35,7 @@ class SimulateConfig(Config):
     landscape: LandscapeConfig = LandscapeConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "SimulateConfig":
+    def _check(self) -> SimulateConfig:
         used = SECTIONS[self.experiment]
         stray = [name for name in SECTIONS.values() if name != used and name in self.model_fields_set]
         if stray:

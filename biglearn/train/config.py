@@ -1,4 +1,4 @@
-"""`PretrainConfig`: the one typed config of jobs/pretrain.py (YAML in jobs/configs/ + --set)."""
+"""`PretrainConfig`: the one typed config of jobs/pretrain.py (YAML in biglearn/recipes/ + --set)."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ class DataConfig(Config):
 
 class OptimConfig(Config):
     lr: PositiveFloat = 1e-3
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_steps: NonNegativeInt = 100
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: PositiveFloat = 1.0
     batch_size: PositiveInt = 128
@@ -86,11 +86,11 @@ class ClusterConfig(Config):
     torch_threads: PositiveInt | None = None
     """CPU threads per worker; null: this machine's cores divided among its workers."""
     zero_stage: Literal[1, 2, 3] = 2
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(default=0, ge=-1)
 
 
 class RunConfig(Config):
-    name: str = Field("digits-quick", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(default="digits-quick", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Stable run name: running again with the same name resumes the run."""
     storage: str = "runs"
     """Folder (or shared URI) holding runs: <storage>/<name>/ gets checkpoints and the export."""
@@ -111,17 +111,17 @@ class EvalConfig(Config):
     order: Order = "random"
     """Random order samples the model's own conditionals; confidence order (most confident first)
     commits the same background pixels in every row first and collapses joint samples to a few
-    classes (docs in README.md, Results)."""
-    temperature: float = Field(1.0, ge=0)
+    classes (docs/results.md)."""
+    temperature: float = Field(default=1.0, ge=0)
     top_k: PositiveInt | None = None
-    guidance: float = Field(0.0, ge=0)
+    guidance: float = Field(default=0.0, ge=0)
     """Guidance weight of the completions (biglearn/generation.py); above 0 the unguided
     completion accuracy is reported beside the guided one."""
     seed: int = 0
     num_joint: PositiveInt = 500
     """Joint samples (and as many left-half marginal samples) judged as a distribution."""
     num_shown: PositiveInt = 16
-    draws: int = Field(8, ge=2)
+    draws: int = Field(default=8, ge=2)
     """Completions drawn per validation input, to judge their spread against a reference posterior."""
 
 
@@ -130,9 +130,9 @@ class GanConfig(Config):
 
     noise_dim: PositiveInt = 16
     """Gaussian noise dimensions per target position."""
-    r1_weight: float = Field(1.0, ge=0)
+    r1_weight: float = Field(default=1.0, ge=0)
     """gamma of the R1 penalty gamma/2 |grad_x D(x)|^2 on real examples."""
-    transform_probability: float = Field(0.0, ge=0, le=1)
+    transform_probability: float = Field(default=0.0, ge=0, le=1)
     """Share of tasks posed on y = A x for a fresh Haar-orthogonal A (rule: biglearn/gan.py)."""
     critic: ModelConfig | None = None
     """The discriminator's architecture; null: the same as `model`."""
@@ -153,7 +153,7 @@ class PretrainConfig(Config):
     """Used when the dataset is continuous: maximum likelihood needs tokens, so it trains a GAN."""
 
     @model_validator(mode="after")
-    def _check(self) -> "PretrainConfig":
+    def _check(self) -> PretrainConfig:
         per_step = self.optim.grad_accum * self.cluster.num_workers
         if self.optim.batch_size % per_step:
             raise ValueError(

@@ -98,7 +98,10 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, on_gpu: bool, lr: 
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, on_gpu, lr)
+        model=model,
+        # Annotated as a Module, but an iterable of parameters is what DeepSpeed documents and takes.
+        model_parameters=model.parameters(),  # pyright: ignore[reportArgumentType]
+        config=deepspeed_config(cfg, on_gpu, lr),
     )
     return engine
 

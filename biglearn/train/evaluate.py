@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from biglearn.data.digits import NAME as DIGITS, DigitsQuality
+from biglearn.data.digits import NAME as DIGITS
+from biglearn.data.digits import DigitsQuality
 from biglearn.data.manifest import Manifest, read_split
 from biglearn.export import load_export
 from biglearn.gan import generate
@@ -29,13 +30,17 @@ MIXTURES = ("gmm2", "gmm25")
 MIXTURE_SAMPLES = 2500
 
 
-def evaluate_export(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig, precision: str) -> dict:
+def evaluate_export(
+    export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig, precision: str
+) -> dict:
     """Writes panel.json into the export (and completions.png beside it for image data)."""
     with autocast(torch.device("cpu"), precision):
         return _evaluate(export, data_uri, manifest, split, cfg)
 
 
-def checkpoint_panel(weights: dict[str, torch.Tensor], spec: ModelSpec, values_BL: torch.Tensor, steps: int, precision: str) -> dict[str, float]:
+def checkpoint_panel(
+    weights: dict[str, torch.Tensor], spec: ModelSpec, values_BL: torch.Tensor, steps: int, precision: str
+) -> dict[str, float]:
     """{"panel_<task>": NLL, ..., "panel_mean": their mean} of these weights on `values_BL`."""
     with autocast(torch.device("cpu"), precision):
         scores = evaluate_panel(_model_copy(weights, spec), values_BL, spec.grid, steps=steps)
@@ -51,7 +56,9 @@ def _model_copy(weights: dict[str, torch.Tensor], spec: ModelSpec) -> UniversalT
 
 def is_mixture(manifest: Manifest) -> bool:
     """A 2-D Gaussian mixture of the paper's simulations, as two continuous 1-D positions."""
-    return manifest.name in MIXTURES and manifest.kind == "continuous" and manifest.length == 2 and manifest.patch_dim == 1
+    return (
+        manifest.name in MIXTURES and manifest.kind == "continuous" and manifest.length == 2 and manifest.patch_dim == 1
+    )
 
 
 def joint_mode_coverage(model: UniversalTransformer, name: str, seed: int) -> dict[str, float]:
@@ -62,13 +69,18 @@ def joint_mode_coverage(model: UniversalTransformer, name: str, seed: int) -> di
     return sample_coverage(samples, name)
 
 
-def checkpoint_modes(weights: dict[str, torch.Tensor], spec: ModelSpec, name: str, seed: int, precision: str) -> dict[str, float]:
+def checkpoint_modes(
+    weights: dict[str, torch.Tensor], spec: ModelSpec, name: str, seed: int, precision: str
+) -> dict[str, float]:
     """{"modes_missed": K - covered, "modes_covered", "high_quality"} of a mixture generator's
     weights, on a copy of the model (a sweep's intermediate objective for the GAN)."""
     with autocast(torch.device("cpu"), precision):
         coverage = joint_mode_coverage(_model_copy(weights, spec), name, seed)
-    return {"modes_missed": coverage["modes"] - coverage["modes_covered"], "modes_covered": coverage["modes_covered"],
-            "high_quality": coverage["high_quality"]}
+    return {
+        "modes_missed": coverage["modes"] - coverage["modes_covered"],
+        "modes_covered": coverage["modes_covered"],
+        "high_quality": coverage["high_quality"],
+    }
 
 
 def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
@@ -78,8 +90,10 @@ def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: 
         return _evaluate_generator(export, model, spec, data_uri, manifest, split, cfg)
     quality = DigitsQuality(data_uri) if manifest.name == DIGITS else None
     # DigitsQuality already holds the validation digits: no second read of the split.
-    reuse = quality is not None and split == "validation"
-    values = quality.images if reuse else read_split(data_uri, manifest, split)["values"]
+    if quality is not None and split == "validation":
+        values = quality.images
+    else:
+        values = read_split(data_uri, manifest, split)["values"]
     values = torch.from_numpy(values).long()[: cfg.panel_examples]
     summary: dict = {"panel_nll": evaluate_panel(model, values, spec.grid, steps=cfg.panel_steps)}
     if quality:
@@ -101,14 +115,20 @@ def _evaluate(export: Path, data_uri: str, manifest: Manifest, split: str, cfg: 
     return summary
 
 
-def _evaluate_generator(export: Path, model, spec, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig) -> dict:
+def _evaluate_generator(
+    export: Path, model, spec, data_uri: str, manifest: Manifest, split: str, cfg: EvalConfig
+) -> dict:
     quality = DigitsQuality(data_uri) if manifest.name == DIGITS else None
-    reuse = quality is not None and split == "validation"
-    values = quality.values if reuse else read_split(data_uri, manifest, split)["values"]
+    if quality is not None and split == "validation":
+        values = quality.values
+    else:
+        values = read_split(data_uri, manifest, split)["values"]
     values = torch.from_numpy(values).float()[: cfg.panel_examples]
     summary: dict = {"generator_panel": generator_panel(model, values, spec.grid)}
     if quality:
-        metrics, completions, joint = quality.score_generator(model, seed=cfg.seed, num_joint=cfg.num_joint, draws=cfg.draws)
+        metrics, completions, joint = quality.score_generator(
+            model, seed=cfg.seed, num_joint=cfg.num_joint, draws=cfg.draws
+        )
         summary["quality"] = metrics
         summary["references"] = quality.references()
         _save_completions(export.parent / "completions.png", quality, completions, joint, cfg.num_shown)
@@ -139,16 +159,24 @@ def quality_report(summary: dict, guidance: float) -> list[str]:
         f"random of 5 nearest {refs['random_of_5_nearest']:.3f})",
     ]
     if "completion_accuracy_unguided" in quality:
-        lines.append(f"[biglearn] that is with guidance {guidance:g}; a first draw without it: {quality['completion_accuracy_unguided']:.3f}")
+        lines.append(
+            f"[biglearn] that is with guidance {guidance:g}; a first draw without it: {quality['completion_accuracy_unguided']:.3f}"
+        )
     if "completion_pairwise_distance" in quality:
-        lines.append(f"[biglearn] two noise draws of one completion differ by {quality['completion_pairwise_distance']:.3f} "
-                     "on average (L2, [0, 1] pixels; 0 if deterministic)")
-    lines.append(f"[biglearn] joint samples' mean top-class probability {quality['joint_top_class_probability']:.3f} "
-                 "(a confidence, not a measure of the distribution)")
+        lines.append(
+            f"[biglearn] two noise draws of one completion differ by {quality['completion_pairwise_distance']:.3f} "
+            "on average (L2, [0, 1] pixels; 0 if deterministic)"
+        )
+    lines.append(
+        f"[biglearn] joint samples' mean top-class probability {quality['joint_top_class_probability']:.3f} "
+        "(a confidence, not a measure of the distribution)"
+    )
     return lines
 
 
-def _save_completions(path: Path, quality: DigitsQuality, completions_KNF: np.ndarray, joint_MF: np.ndarray, shown: int):
+def _save_completions(
+    path: Path, quality: DigitsQuality, completions_KNF: np.ndarray, joint_MF: np.ndarray, shown: int
+):
     """completions.png: originals, their given top halves, up to 4 draws of each completion, then
     4 rows of joint samples (enough that a collapse shows at a glance)."""
     given = np.where(quality.top_half, quality.images, -1)

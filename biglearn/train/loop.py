@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import ray
 import ray.train
@@ -50,9 +51,17 @@ def train_loop_per_worker(payload: dict) -> None:
         write_history(cfg, state["history"])  # drops the lines of steps after the restored checkpoint
     faults = FaultPlan(cfg, rank)
     accum = cfg.optim.grad_accum
-    tensorboard_dir = join(join(cfg.run.storage, cfg.run.name), "tensorboard") if cfg.train.tracker == "tensorboard" else None
-    progress = Progress(cfg.train.steps, state["step"], cfg.optim.batch_size, enabled=rank == 0, run=cfg.run.name,
-                        tensorboard_dir=tensorboard_dir)
+    tensorboard_dir = (
+        join(join(cfg.run.storage, cfg.run.name), "tensorboard") if cfg.train.tracker == "tensorboard" else None
+    )
+    progress = Progress(
+        cfg.train.steps,
+        state["step"],
+        cfg.optim.batch_size,
+        enabled=rank == 0,
+        run=cfg.run.name,
+        tensorboard_dir=tensorboard_dir,
+    )
     try:
         micro = 0  # micro-step within the optimizer step; checkpoints fall between optimizer steps
         for values in resumable_batches(cfg, manifest, state, device):
@@ -136,20 +145,24 @@ def check_finite(loss: torch.Tensor, state: dict, step: int, rank: int) -> None:
         )
 
 
-def save_checkpoint(trainer: TrainingStep, state: dict, cfg: PretrainConfig, manifest: Manifest, rank: int,
-                    final: bool) -> None:
+def save_checkpoint(
+    trainer: TrainingStep, state: dict, cfg: PretrainConfig, manifest: Manifest, rank: int, final: bool
+) -> None:
     weights = full_state_dict(trainer.export_engine) if final or trainer.scored else None  # a collective under ZeRO-3
 
     def save(folder: Path) -> None:
         trainer.save(folder)
         if rank == 0 and final:
+            assert weights is not None  # gathered for the final checkpoint
             write_export(folder / EXPORT, weights, trainer.export_spec, manifest.model_dump(mode="json"), cfg.to_json())
 
-    scores = trainer.scores(weights) if trainer.scored and rank == 0 else {}
+    scores = trainer.scores(weights) if weights is not None and trainer.scored and rank == 0 else {}
     report_checkpoint(state, rank, save, scores)
 
 
-def report_checkpoint(state: dict, rank: int, save: Callable[[Path], None], scores: dict[str, float] | None = None) -> None:
+def report_checkpoint(
+    state: dict, rank: int, save: Callable[[Path], None], scores: dict[str, float] | None = None
+) -> None:
     """Every rank saves (`save` into a fresh folder: DeepSpeed saves are collectives) and reports
     the checkpoint of state["step"]; rank 0 adds the loop state. `scores` are reported with it
     (Train V2 keeps only metrics that come with a checkpoint): a sweep's intermediate objective."""
@@ -158,7 +171,11 @@ def report_checkpoint(state: dict, rank: int, save: Callable[[Path], None], scor
         save(Path(folder))
         if rank == 0:
             (Path(folder) / STATE).write_text(json.dumps(state))
-        metrics = {"step": step, **({"loss": state["history"][-1]["loss"]} if state["history"] else {}), **(scores or {})}
+        metrics = {
+            "step": step,
+            **({"loss": state["history"][-1]["loss"]} if state["history"] else {}),
+            **(scores or {}),
+        }
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -173,7 +190,7 @@ def _node_ids_by_rank() -> list[str]:
         return [node_id]
     node_ids = [None] * dist.get_world_size()
     dist.all_gather_object(node_ids, node_id)
-    return node_ids
+    return cast(list[str], node_ids)  # all_gather_object filled in every rank's
 
 
 class FaultPlan:
@@ -211,4 +228,3 @@ def _fire_once(cfg: PretrainConfig, fault: Fault) -> bool:
     with fs.open_output_stream(marker) as out:
         out.write(b"fired")
     return True
-

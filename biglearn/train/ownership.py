@@ -27,19 +27,38 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from biglearn.data.storage import (StorageError, delete_file, exists, is_s3, join, read_bytes, read_tagged, write_bytes,
-                                   write_if)
+from biglearn.data.storage import (
+    StorageError,
+    delete_file,
+    exists,
+    is_s3,
+    join,
+    read_bytes,
+    read_tagged,
+    write_bytes,
+    write_if,
+)
 from biglearn.train.config import PretrainConfig
 
 LEASE_TTL_S = 60.0
 log = logging.getLogger("biglearn")
 CONFIG = "config.json"
 # Keys a resumed run may change freely: they decide how it is run, watched or scored, not what it learns.
-OPERATIONAL = ("eval", "train.faults", "train.log_every", "train.tracker", "train.keep_checkpoints", "cluster.address",
-               "cluster.max_failures", "cluster.torch_threads", "cluster.use_gpu", "data.verify_max_bytes",
-               "run.resume_with_changes")
+OPERATIONAL = (
+    "eval",
+    "train.faults",
+    "train.log_every",
+    "train.tracker",
+    "train.keep_checkpoints",
+    "cluster.address",
+    "cluster.max_failures",
+    "cluster.torch_threads",
+    "cluster.use_gpu",
+    "data.verify_max_bytes",
+    "run.resume_with_changes",
+)
 
 
 class RunBusyError(RuntimeError):
@@ -51,15 +70,19 @@ class RunLease:
 
     def __init__(self, run_uri: str, ttl_s: float = LEASE_TTL_S):
         self.run_uri, self.ttl_s = run_uri, ttl_s
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+        self.holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex,
+        }
         self._file = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._tag: str | None = None  # ETag of the lease object as this holder last wrote it
         self.lost_to: dict | None = None  # who took the lease over while this holder ran
 
-    def __enter__(self) -> "RunLease":
+    def __enter__(self) -> RunLease:
         create_run_folder(self.run_uri)
         if is_s3(self.run_uri):
             self._acquire_object()
@@ -81,7 +104,8 @@ class RunLease:
             raise RunBusyError(
                 f"run folder {self.run_uri} was taken over while this run held it ({self._who(self.lost_to)}): its "
                 "renewals failed for longer than the lease lasts. Its checkpoints and export may be mixed with that "
-                "run's: check the folder, or run again under another run.name")
+                "run's: check the folder, or run again under another run.name"
+            )
         delete_file(self._object_uri)
 
     # Local paths: flock.
@@ -154,10 +178,17 @@ class RunLease:
 
     def _busy_message(self, holder: dict) -> str:
         who = self._who(holder)
-        stale = "" if not is_s3(self.run_uri) else (
-            f" If that process is gone, its lease lapses {self.ttl_s:.0f} s after its last renewal; run again then.")
-        return (f"run folder {self.run_uri} is in use by a run still going ({who}): two runs under one name would "
-                f"overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another run.name.{stale}")
+        stale = (
+            ""
+            if not is_s3(self.run_uri)
+            else (
+                f" If that process is gone, its lease lapses {self.ttl_s:.0f} s after its last renewal; run again then."
+            )
+        )
+        return (
+            f"run folder {self.run_uri} is in use by a run still going ({who}): two runs under one name would "
+            f"overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another run.name.{stale}"
+        )
 
     @classmethod
     def _who(cls, holder: dict) -> str:
@@ -176,8 +207,9 @@ def create_run_folder(run_uri: str) -> None:
     try:
         os.makedirs(run_uri, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"cannot create the run folder {run_uri} ({exc.strerror}): set run.storage to a folder "
-                           "you can write to") from None
+        raise StorageError(
+            f"cannot create the run folder {run_uri} ({exc.strerror}): set run.storage to a folder you can write to"
+        ) from None
     if not os.access(run_uri, os.W_OK):
         raise StorageError(f"cannot write to the run folder {run_uri}: set run.storage to a folder you can write to")
 
@@ -199,7 +231,7 @@ def check_same_config(cfg: PretrainConfig, run_uri: str) -> None:
                 "--set run.resume_with_changes=true to resume this one with the changes"
             )
         if changes:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
             write_bytes(join(run_uri, f"config.{stamp}.json"), saved_text)
     write_bytes(saved_uri, json.dumps(new, indent=2).encode())
 

@@ -29,8 +29,16 @@ class Progress:
     record is also written there as scalars (events of steps after `start_step` are dropped: a
     resumed run logs them again)."""
 
-    def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool, run: str = "",
-                 now=time.monotonic, tensorboard_dir: str | None = None):
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int,
+        batch_size: int,
+        enabled: bool,
+        run: str = "",
+        now=time.monotonic,
+        tensorboard_dir: str | None = None,
+    ):
         self.total, self.batch_size, self.enabled, self.now = total_steps, batch_size, enabled, now
         self.last_step, self.last_time = start_step, now()
         self.gauges = _gauges(run) if enabled and run else None
@@ -69,12 +77,21 @@ class Progress:
                 f"lr {lr:.2e} | ETA {_duration(eta_s)}"
             )
         if self.gauges:
-            for name, value in [("biglearn_train_step", step), ("biglearn_train_loss", record["loss"]),
-                                ("biglearn_train_samples_per_second", samples_per_s), ("biglearn_train_learning_rate", lr)]:
+            for name, value in [
+                ("biglearn_train_step", step),
+                ("biglearn_train_loss", record["loss"]),
+                ("biglearn_train_samples_per_second", samples_per_s),
+                ("biglearn_train_learning_rate", lr),
+            ]:
                 self.gauges[name].set(value)
         if self.tensorboard:
-            scalars = {"loss": record["loss"], "samples_per_s": samples_per_s, "lr": lr, **(extra or {}),
-                       **{f"loss_by_family/{name}": value for name, value in record["families"].items()}}
+            scalars = {
+                "loss": record["loss"],
+                "samples_per_s": samples_per_s,
+                "lr": lr,
+                **(extra or {}),
+                **{f"loss_by_family/{name}": value for name, value in record["families"].items()},
+            }
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, float(value), step)
             self.tensorboard.flush()

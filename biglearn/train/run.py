@@ -46,8 +46,11 @@ def prepare_data(cfg: PretrainConfig) -> Manifest:
     manifest = read_manifest(uri)
     hashed = verify_shards(uri, manifest, [cfg.data.train_split, cfg.data.validation_split], cfg.data.verify_max_bytes)
     total = len(manifest.split(cfg.data.train_split)) + len(manifest.split(cfg.data.validation_split))
-    print(f"[biglearn] dataset {manifest.name} at {uri}: {total} shard(s) present with the manifest's sizes, "
-          f"{hashed} hashed and checked", flush=True)
+    print(
+        f"[biglearn] dataset {manifest.name} at {uri}: {total} shard(s) present with the manifest's sizes, "
+        f"{hashed} hashed and checked",
+        flush=True,
+    )
     rows, needed = manifest.rows(cfg.data.train_split), cfg.micro_batch_size * cfg.cluster.num_workers
     if rows < needed:
         raise DatasetError(
@@ -75,8 +78,10 @@ def check_retrieval(cfg: PretrainConfig, manifest: Manifest, rows: int, uri: str
     search by brute force at every step."""
     neighbours = cfg.model.retrieval_neighbours
     if neighbours and manifest.table is not None:
-        raise DatasetError(f"{uri} is a table, whose missing cells a retrieval memory cannot compare: "
-                           "set model.retrieval_neighbours to 0")
+        raise DatasetError(
+            f"{uri} is a table, whose missing cells a retrieval memory cannot compare: "
+            "set model.retrieval_neighbours to 0"
+        )
     if neighbours and (rows <= neighbours or rows * manifest.length * (manifest.patch_dim or 1) > MEMORY_MAX_VALUES):
         raise DatasetError(
             f"{uri}: model.retrieval_neighbours ({neighbours}) keeps split {cfg.data.train_split!r} in the model, "
@@ -127,6 +132,7 @@ def _train(cfg: PretrainConfig, manifest: Manifest, callbacks: Sequence[ray.trai
     fs, storage_root = resolve(storage)
     run_root = join(storage_root, cfg.run.name)
 
+    assert cfg.data.path is not None  # pretrain made it absolute (with_absolute_paths)
     train_data = shard_dataset(cfg.data.path, manifest, cfg.data.train_split, cfg.data.block_bytes)
     if sum(shard.bytes for shard in manifest.split(cfg.data.train_split)) <= cfg.data.materialize_max_bytes:
         # Small data: read it once into the object store rather than re-reading files every epoch.
@@ -165,7 +171,9 @@ def _train(cfg: PretrainConfig, manifest: Manifest, callbacks: Sequence[ray.trai
     with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
         export = Path(staging) / EXPORT
         shutil.copytree(Path(folder) / EXPORT, export)
-        summary = evaluate_export(export, cfg.data.path, manifest, cfg.data.validation_split, cfg.eval, cfg.train.precision)
+        summary = evaluate_export(
+            export, cfg.data.path, manifest, cfg.data.validation_split, cfg.eval, cfg.train.precision
+        )
         state = json.loads((Path(folder) / STATE).read_text())
         summary["train"] = {"final_step": state["step"], "resumes": state["resumes"]}
         # Ray node id of each rank, for the first start and every restart after it.
@@ -189,7 +197,7 @@ def shard_dataset(path: str, manifest: Manifest, split: str, block_bytes: int) -
 
     Ray Data otherwise packs small shard files into blocks of up to 128 MiB, and a training worker
     holds the block it is reading: its memory then grows with the dataset up to that size
-    (benchmarks/ingest.py measured it). It would also hand blocks on in the order their reads
+    (benchmarks/ingest.py shows it). It would also hand blocks on in the order their reads
     finish, which changes from run to run. In read order, one worker's run is reproducible bit
     for bit and a resumed run skips exactly the batches it consumed. A Dataset keeps (a deep copy
     of) the DataContext it was created under, so both settings are scoped to this one.
@@ -204,7 +212,7 @@ def shard_dataset(path: str, manifest: Manifest, split: str, block_bytes: int) -
         context.execution_options.preserve_order = order_default
 
 
-def ordered_ingest_options() -> "ray.data.ExecutionOptions":
+def ordered_ingest_options() -> ray.data.ExecutionOptions:
     """Train's ingest options: the driver's, in read order. Train replaces a dataset's own
     execution options with these, so shard_dataset's order would not reach the workers otherwise."""
     options = ray.train.DataConfig.default_ingest_options()
@@ -215,10 +223,12 @@ def ordered_ingest_options() -> "ray.data.ExecutionOptions":
 def with_absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     """`cfg` with its data path (the embedded dataset's folder when it had none) and storage path
     absolute, as the driver's folder sees them."""
-    return cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"path": absolute(cfg.data_uri)}),
-        "run": cfg.run.model_copy(update={"storage": absolute(cfg.run.storage)}),
-    })
+    return cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"path": absolute(cfg.data_uri)}),
+            "run": cfg.run.model_copy(update={"storage": absolute(cfg.run.storage)}),
+        }
+    )
 
 
 def _failure_message(exc: ray.train.TrainingFailedError, cfg: PretrainConfig) -> str:

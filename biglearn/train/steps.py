@@ -21,11 +21,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from biglearn.data.manifest import Manifest, read_split
-from biglearn.gan import critic_at_chance, critic_loss, draw_noise, fill_targets, frozen, generator_loss, pose_tasks, view
+from biglearn.gan import (
+    critic_at_chance,
+    critic_loss,
+    draw_noise,
+    fill_targets,
+    frozen,
+    generator_loss,
+    pose_tasks,
+    view,
+)
 from biglearn.model import ModelSpec, UniversalTransformer
 from biglearn.objectives import big_learning_loss, family_stats
 from biglearn.roles import FAMILIES, Schedule, task_seed
@@ -33,6 +43,9 @@ from biglearn.train.config import PretrainConfig
 from biglearn.train.engine import TAG, all_sum, autocast, build_engine
 from biglearn.train.evaluate import checkpoint_modes, checkpoint_panel, is_mixture
 from biglearn.train.progress import log
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine  # imported at run time only by build_engine
 
 # (loss) -> loss: the loop's guard, which stops the run on a non-finite loss (and plants planned faults).
 Guard = Callable[[torch.Tensor], torch.Tensor]
@@ -48,6 +61,7 @@ def retrieval_memory(cfg: PretrainConfig, manifest: Manifest) -> torch.Tensor | 
     neighbours from it (read by every rank, so that all hold the same memory), else None."""
     if not cfg.model.retrieval_neighbours:
         return None
+    assert cfg.data.path is not None  # pretrain made it absolute (with_absolute_paths)
     examples = torch.from_numpy(read_split(cfg.data.path, manifest, cfg.data.train_split)["values"])
     return examples.float() if manifest.patch_dim else examples.long()
 
@@ -55,7 +69,7 @@ def retrieval_memory(cfg: PretrainConfig, manifest: Manifest) -> torch.Tensor | 
 class TrainingStep:
     """The part of training that differs between objectives (see the module docstring)."""
 
-    engines: dict[str, object]
+    engines: dict[str, DeepSpeedEngine]
     """DeepSpeed engines by checkpoint subfolder ("" is the checkpoint folder itself)."""
     export_name: str
     export_spec: ModelSpec
@@ -66,8 +80,16 @@ class TrainingStep:
         self.cfg, self.manifest, self.rank, self.device = cfg, manifest, rank, device
         self.window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
 
-    def micro_step(self, values: torch.Tensor, roles_BL: torch.Tensor, family_B: torch.Tensor,
-                   task_generator: torch.Generator, step: int, micro: int, guard: Guard) -> None:
+    def micro_step(
+        self,
+        values: torch.Tensor,
+        roles_BL: torch.Tensor,
+        family_B: torch.Tensor,
+        task_generator: torch.Generator,
+        step: int,
+        micro: int,
+        guard: Guard,
+    ) -> None:
         raise NotImplementedError
 
     def take_window(self) -> tuple[torch.Tensor, dict[str, float]]:
@@ -107,19 +129,24 @@ class LikelihoodStep(TrainingStep):
         super().__init__(cfg, manifest, rank, device)
         memory = retrieval_memory(cfg, manifest)
         self.export_spec = ModelSpec(
-            model=cfg.model, length=manifest.length, vocab_size=manifest.vocab_size, grid=manifest.grid,
+            model=cfg.model,
+            length=manifest.length,
+            vocab_size=manifest.vocab_size,
+            grid=manifest.grid,
             memory_rows=0 if memory is None else len(memory),
             position_vocab=manifest.table.position_vocab if manifest.table is not None else None,
         )
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = UniversalTransformer(self.export_spec)
         if memory is not None:
+            assert model.memory is not None  # the memory is read when the model retrieves
             model.memory.remember(memory)
         model.checkpoint_activations = cfg.train.activation_checkpointing
         self.engines = {"": build_engine(model, cfg, on_gpu)}
         self.scored = cfg.eval.checkpoint_panel_examples is not None
         self.panel_values_BL = None
         if rank == 0 and self.scored:
+            assert cfg.data.path is not None  # pretrain made it absolute (with_absolute_paths)
             values = read_split(cfg.data.path, manifest, cfg.data.validation_split)["values"]
             self.panel_values_BL = torch.from_numpy(values[: cfg.eval.checkpoint_panel_examples]).long()
 
@@ -134,14 +161,17 @@ class LikelihoodStep(TrainingStep):
 
     def scores(self, weights):
         cfg = self.cfg
-        return checkpoint_panel(weights, self.export_spec, self.panel_values_BL, cfg.eval.panel_steps, cfg.train.precision)
+        assert self.panel_values_BL is not None  # read on rank 0, which alone scores
+        return checkpoint_panel(
+            weights, self.export_spec, self.panel_values_BL, cfg.eval.panel_steps, cfg.train.precision
+        )
 
 
 def gan_specs(cfg: PretrainConfig, manifest: Manifest, memory_rows: int) -> tuple[ModelSpec, ModelSpec]:
     """(generator, critic) specs for this dataset; the generator's memory holds `memory_rows`
     examples. The critic never retrieves: for a generated example, the real one it replaces
     would be found at distance 0 on the shared sources and give the fake away."""
-    shape = dict(length=manifest.length, patch_dim=manifest.patch_dim, grid=manifest.grid)
+    shape: dict[str, Any] = dict(length=manifest.length, patch_dim=manifest.patch_dim, grid=manifest.grid)
     generator = ModelSpec(model=cfg.model, noise_dim=cfg.gan.noise_dim, memory_rows=memory_rows, **shape)
     critic_model = cfg.gan.critic or cfg.model.model_copy(update={"retrieval_neighbours": 0})
     critic = ModelSpec(model=critic_model, critic=True, **shape)
@@ -160,6 +190,7 @@ class AdversarialStep(TrainingStep):
         for name, spec, lr in (("generator", self.export_spec, None), ("critic", critic_spec, cfg.gan.critic_lr)):
             model = UniversalTransformer(spec)
             if model.memory is not None:
+                assert memory is not None  # read when the model retrieves
                 model.memory.remember(memory)
             # Not the critic: R1 differentiates its input gradient again, and recomputing
             # checkpointed blocks inside that double backward fails (torch checks the recomputation).
@@ -172,27 +203,43 @@ class AdversarialStep(TrainingStep):
     def micro_step(self, values, roles_BL, family_B, task_generator, step, micro, guard) -> None:
         cfg, gan = self.cfg, self.cfg.gan
         g_engine, d_engine = self.engines["generator"], self.engines["critic"]
+        critic_module = cast(torch.nn.Module, d_engine.module)
+        assert self.manifest.patch_dim is not None  # continuous data
         real_BLP = values.float().view(len(values), self.manifest.length, self.manifest.patch_dim)
-        task = pose_tasks(roles_BL, self.manifest.patch_dim, gan.transform_probability, task_generator,
-                          cfg.schedule.granularity == "batch")
+        task = pose_tasks(
+            roles_BL,
+            self.manifest.patch_dim,
+            gan.transform_probability,
+            task_generator,
+            cfg.schedule.granularity == "batch",
+        )
         # Noise is drawn per rank and micro-step even when ranks share one task (granularity batch).
         noise_seed = task_seed(cfg.train.seed, step, self.rank, PER_EXAMPLE, micro, cfg.optim.grad_accum) + 1
         noise_generator = seeded_generator(self.device, noise_seed)
 
         with autocast(self.device, cfg.train.precision):
             with torch.no_grad():
-                fake_BLP = fill_targets(g_engine, real_BLP, task.generator_roles_BL, draw_noise(real_BLP, gan.noise_dim, noise_generator))
+                fake_BLP = fill_targets(
+                    g_engine, real_BLP, task.generator_roles_BL, draw_noise(real_BLP, gan.noise_dim, noise_generator)
+                )
             critic = critic_loss(
-                d_engine, view(real_BLP, task), view(fake_BLP, task), task.critic_roles_BL, task.transformed_B,
-                gan.r1_weight, r1_critic=d_engine.module,
+                d_engine,
+                view(real_BLP, task),
+                view(fake_BLP, task),
+                task.critic_roles_BL,
+                task.transformed_B,
+                gan.r1_weight,
+                r1_critic=critic_module,
             )
         d_engine.backward(guard(critic.loss))
         d_engine.step()
 
-        with frozen(d_engine.module), autocast(self.device, cfg.train.precision):
-            fake_BLP = fill_targets(g_engine, real_BLP, task.generator_roles_BL, draw_noise(real_BLP, gan.noise_dim, noise_generator))
+        with frozen(critic_module), autocast(self.device, cfg.train.precision):
+            fake_BLP = fill_targets(
+                g_engine, real_BLP, task.generator_roles_BL, draw_noise(real_BLP, gan.noise_dim, noise_generator)
+            )
             # D's module, not its engine: an engine forward would make G's backward D's backward too.
-            g_loss_B = generator_loss(d_engine.module, view(fake_BLP, task), task.critic_roles_BL, task.transformed_B)
+            g_loss_B = generator_loss(critic_module, view(fake_BLP, task), task.critic_roles_BL, task.transformed_B)
         g_engine.backward(guard(g_loss_B.mean()))
         g_engine.step()
 
@@ -217,10 +264,14 @@ class AdversarialStep(TrainingStep):
             )
 
     def scores(self, weights):
-        return checkpoint_modes(weights, self.export_spec, self.manifest.name, self.cfg.eval.seed, self.cfg.train.precision)
+        return checkpoint_modes(
+            weights, self.export_spec, self.manifest.name, self.cfg.eval.seed, self.cfg.train.precision
+        )
 
 
-def training_step(cfg: PretrainConfig, manifest: Manifest, rank: int, device: torch.device, on_gpu: bool) -> TrainingStep:
+def training_step(
+    cfg: PretrainConfig, manifest: Manifest, rank: int, device: torch.device, on_gpu: bool
+) -> TrainingStep:
     """Maximum likelihood needs tokens; continuous data (patches, numeric columns) trains a BigLearn-GAN."""
     kind = AdversarialStep if manifest.kind == "continuous" else LikelihoodStep
     return kind(cfg, manifest, rank, device, on_gpu)

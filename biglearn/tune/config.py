@@ -1,6 +1,6 @@
 """`SweepConfig`: the one typed config of jobs/sweep.py, and the search space it declares.
 
-A sweep is a base pretraining recipe (a jobs/configs/ YAML plus `--set`-style overrides) and a
+A sweep is a base pretraining recipe (a biglearn/recipes/ YAML plus `--set`-style overrides) and a
 search space over its `schedule.*`, `optim.*` and `gan.*` fields. Every value the space can produce is
 checked against `PretrainConfig` before any trial starts, so a misspelt field, an empty choice
 or an inverted range is refused up front rather than found in trial 7's log.
@@ -9,6 +9,7 @@ or an inverted range is refused up front rather than found in trial 7's log.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ class Dimension(Config):
     loguniform: tuple[float, float] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "Dimension":
+    def _check(self) -> Dimension:
         given = [kind for kind in ("choice", "grid", "uniform", "loguniform") if getattr(self, kind) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of choice, grid, uniform, loguniform (got {given or 'none'})")
@@ -64,7 +65,7 @@ class AshaConfig(Config):
 
     grace_period: PositiveInt = 1
     """Checkpoints every trial gets before it can be stopped."""
-    reduction_factor: float = Field(2.0, gt=1)
+    reduction_factor: float = Field(default=2.0, gt=1)
     brackets: PositiveInt = 1
 
 
@@ -79,12 +80,12 @@ class TrialResources(Config):
 
 
 class SweepConfig(Config):
-    name: str = Field("digits-sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(default="digits-sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Stable sweep name: running the same command again resumes the sweep."""
     storage: str = "runs/sweeps"
     """Folder holding sweeps: <storage>/<name>/ gets Tune's state, the trials' runs and results.
     Multi-node clusters need storage every node sees."""
-    base: str = "jobs/configs/digits-quick.yaml"
+    base: str = "biglearn/recipes/digits-quick.yaml"
     """Pretraining recipe every trial starts from."""
     overrides: list[str] = []
     """`key=value` overrides applied to the base recipe (as with --set), e.g. train.steps=300."""
@@ -107,23 +108,27 @@ class SweepConfig(Config):
     resources: TrialResources = TrialResources()
     address: str | None = None
     """Ray address to join; null joins RAY_ADDRESS if set, else starts a local Ray."""
-    worker_start_timeout_s: float = Field(900.0, gt=0)
+    worker_start_timeout_s: float = Field(default=900.0, gt=0)
     """How long a trial's Train run waits for its workers to start (nodes being added included)."""
-    max_trial_failures: int = Field(1, ge=0)
+    max_trial_failures: int = Field(default=1, ge=0)
     """Times a failed trial is retried (it resumes its Train run from its last checkpoint)."""
-    progress_every_s: float = Field(30.0, gt=0)
+    progress_every_s: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
-    def _check_space(self) -> "SweepConfig":
+    def _check_space(self) -> SweepConfig:
         if not self.space:
-            raise ValueError("space is empty: declare at least one field to search, e.g. optim.lr: {loguniform: [1e-3, 1e-2]}")
+            raise ValueError(
+                "space is empty: declare at least one field to search, e.g. optim.lr: {loguniform: [1e-3, 1e-2]}"
+            )
         for key in self.space:
             if key.split(".")[0] not in SEARCHABLE or key.count(".") < 1:
-                raise ValueError(f"space key {key!r}: only fields under {' or '.join(s + '.' for s in SEARCHABLE)} are searched")
+                raise ValueError(
+                    f"space key {key!r}: only fields under {' or '.join(s + '.' for s in SEARCHABLE)} are searched"
+                )
         return self
 
 
-def load_sweep(path: str | Path | None, overrides: list[str] = ()) -> tuple[SweepConfig, PretrainConfig]:
+def load_sweep(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[SweepConfig, PretrainConfig]:
     """The sweep config and its base pretraining config, with every value the space can produce
     validated against `PretrainConfig` (ConfigError names the field and the value otherwise)."""
     sweep = load_config(SweepConfig, path, overrides)
@@ -133,7 +138,9 @@ def load_sweep(path: str | Path | None, overrides: list[str] = ()) -> tuple[Swee
             try:
                 trial_config(base, {key: value})
             except ConfigError as exc:
-                raise ConfigError(f"space.{key} ({dimension.kind}) value {value!r} does not fit the base recipe {sweep.base}: {exc}") from None
+                raise ConfigError(
+                    f"space.{key} ({dimension.kind}) value {value!r} does not fit the base recipe {sweep.base}: {exc}"
+                ) from None
     return sweep, base
 
 

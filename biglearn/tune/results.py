@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -46,9 +46,13 @@ def write_results(grid: ResultGrid, sweep: SweepConfig, base: PretrainConfig, fo
         trial_id = last.get("trial_id") or Path(result.path).name
         step = last.get("step", 0)
         status = "error" if result.error else ("finished" if step >= base.train.steps else "stopped early")
-        row = {"trial": trial_id, "status": status, **{k: result.config.get(k) for k in sweep.space}}
-        row.update(objective=last.get(metric, math.nan), step=step, checkpoints=last.get("training_iteration", 0),
-                   seconds=last.get("time_total_s", math.nan))
+        row = {"trial": trial_id, "status": status, **{k: (result.config or {}).get(k) for k in sweep.space}}
+        row.update(
+            objective=last.get(metric, math.nan),
+            step=step,
+            checkpoints=last.get("training_iteration", 0),
+            seconds=last.get("time_total_s", math.nan),
+        )
         row.update({k: v for k, v in last.items() if k.startswith(SCORES)})
         rows.append(row)
         if history is not None and metric in history:
@@ -68,7 +72,9 @@ def write_results(grid: ResultGrid, sweep: SweepConfig, base: PretrainConfig, fo
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
     """Finished trials first, then by objective; ties go to the lower trial id, so the best
     trial does not depend on the order Tune lists them in (it changes when a sweep resumes)."""
-    return table.sort_values(["status", "objective", "trial"], key=_finished_first, kind="stable").reset_index(drop=True)
+    return table.sort_values(["status", "objective", "trial"], key=_finished_first, kind="stable").reset_index(
+        drop=True
+    )
 
 
 def _finished_first(column: pd.Series) -> pd.Series:
@@ -108,10 +114,13 @@ def _plot(path: Path, sweep: SweepConfig, table: pd.DataFrame, curves: list, met
     axes = axes[0]
     start = min((times.min() for _, _, times, _ in curves), default=0)
     colour = {"finished": "tab:blue", "stopped early": "tab:orange", "error": "tab:red"}
-    for trial_id, status, times, values in curves:
+    for _trial, status, times, values in curves:
         axes[0].plot((times - start) / 60, values, marker="o", ms=3, color=colour[status], alpha=0.8)
-    axes[0].set(xlabel="minutes since the sweep started", ylabel=f"{metric} ({_scored_on(sweep)}; lower is better)",
-                title="objective per trial at each checkpoint")
+    axes[0].set(
+        xlabel="minutes since the sweep started",
+        ylabel=f"{metric} ({_scored_on(sweep)}; lower is better)",
+        title="objective per trial at each checkpoint",
+    )
     axes[0].plot([], [], color="tab:blue", label="finished")
     axes[0].plot([], [], color="tab:orange", label="stopped early (ASHA)")
     axes[0].legend(fontsize=8)
@@ -120,7 +129,8 @@ def _plot(path: Path, sweep: SweepConfig, table: pd.DataFrame, curves: list, met
             x = group[knob]
             if not pd.api.types.is_numeric_dtype(x):
                 x = x.astype(str)
-            ax.scatter(x, group["objective"], color=colour[status], label=status)
+            # pandas types group keys as Hashable; these are status names.
+            ax.scatter(x, group["objective"], color=colour[cast(str, status)], label=status)
         if sweep.space[knob].kind == "loguniform":
             ax.set_xscale("log")
         ax.set(xlabel=knob, ylabel=f"last {metric}", title=f"objective against {knob}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 import ray.tune as tune
@@ -70,11 +71,15 @@ def run_sweep(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], Non
         )
     tasks = panel_tasks(manifest.length, manifest.grid)
     if sweep.objective not in ("mean", "modes") and sweep.objective not in tasks:
-        raise ConfigError(f"objective {sweep.objective!r} is not a panel task of this data; use mean or one of {', '.join(tasks)}")
+        raise ConfigError(
+            f"objective {sweep.objective!r} is not a panel task of this data; use mean or one of {', '.join(tasks)}"
+        )
     # Ray Train's default 60 s wait for a worker group restarts over and over while an autoscaler
     # boots nodes (minutes) or a busy machine starts worker processes.
-    connect(base.cluster.model_copy(update={"address": sweep.address}),
-            env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(sweep.worker_start_timeout_s)})
+    connect(
+        base.cluster.model_copy(update={"address": sweep.address}),
+        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(sweep.worker_start_timeout_s)},
+    )
     folder = sweep_folder(sweep)
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -86,10 +91,16 @@ def run_sweep(sweep: SweepConfig, base: PretrainConfig, log: Callable[[str], Non
         log(f"[sweep] {sweep.name}: resuming from {folder} (finished trials keep their results)")
         tuner = tune.Tuner.restore(folder, trainable=trainable, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=_param_space(sweep.space), tune_config=_tune_config(sweep, base),
-                           run_config=_run_config(sweep, base, log))
-    log(f"[sweep] {sweep.name}: {sweep.num_samples} sample(s) over {', '.join(sweep.space)}; "
-        f"objective {objective_metric(sweep)} (min); up to {sweep.max_concurrent_trials} trial(s) at once; in {folder}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(sweep.space),
+            tune_config=_tune_config(sweep, base),
+            run_config=_run_config(sweep, base, log),
+        )
+    log(
+        f"[sweep] {sweep.name}: {sweep.num_samples} sample(s) over {', '.join(sweep.space)}; "
+        f"objective {objective_metric(sweep)} (min); up to {sweep.max_concurrent_trials} trial(s) at once; in {folder}"
+    )
     return tuner.fit()
 
 
@@ -143,6 +154,7 @@ class ResumableASHA(ASHAScheduler):
         if not trial.has_reported_at_least_once:
             return  # a new trial (it has no folder yet)
         bracket = self._trial_info[trial.trial_id]
+        assert trial.path is not None  # a trial that reported has its folder
         for result in reported_results(trial.path):
             if self._time_attr in result and self._metric in result:
                 bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
@@ -185,15 +197,19 @@ class SweepProgress(tune.Callback):
         self.last = time.monotonic()
         states = Counter(trial.status for trial in trials)
         stopped = sum(
-            1 for trial in trials
-            if trial.status == "TERMINATED" and (trial.last_result or {}).get("step", self.total_steps) < self.total_steps
+            1
+            for trial in trials
+            if trial.status == "TERMINATED"
+            and (trial.last_result or {}).get("step", self.total_steps) < self.total_steps
         )
         scored = [(t.last_result[self.metric], t) for t in trials if self.metric in (t.last_result or {})]
         best = "none yet"
         if scored:
             value, trial = min(scored, key=lambda pair: pair[0])
             shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
-            best = f"{self.metric} {value:.4f} at step {trial.last_result.get('step')} (trial {trial.trial_id}: {shown})"
+            best = (
+                f"{self.metric} {value:.4f} at step {trial.last_result.get('step')} (trial {trial.trial_id}: {shown})"
+            )
         nodes = [node for node in ray.nodes() if node["Alive"]]
         cpus = sum(node["Resources"].get("CPU", 0) for node in nodes)
         self.log(

@@ -97,8 +97,13 @@ class S3Server:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -116,8 +121,12 @@ def s3_server(tmp_path_factory):
     # The first 3 requests (creating the user, its policy and key) are let through unsigned.
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
     log = open(tmp_path_factory.mktemp("s3") / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -125,18 +134,33 @@ def s3_server(tmp_path_factory):
             break
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("moto server did not start; see moto.log")
+                raise RuntimeError("moto server did not start; see moto.log") from None
             time.sleep(0.2)
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
-                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",
+    )
     iam.create_user(UserName="biglearn")
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     iam.put_user_policy(UserName="biglearn", PolicyName="s3", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="biglearn")["AccessKey"]
 
-    saved = {name: os.environ.get(name) for name in
-             ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-              "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")}
+    saved = {
+        name: os.environ.get(name)
+        for name in (
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_EC2_METADATA_DISABLED",
+            "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+        )
+    }
     os.environ.update(
         AWS_ENDPOINT_URL_S3=endpoint,
         AWS_ACCESS_KEY_ID=key["AccessKeyId"],

@@ -54,8 +54,14 @@ def test_job_with_token_trains_on_two_nodes_and_without_token_is_refused(cluster
     ray_cli = str(Path(sys.executable).with_name("ray"))
     submit = [ray_cli, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO), "--"]
 
-    job = subprocess.run([*submit, *pretrain_args(digits, tmp_path, "submitted")], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=900)
+    job = subprocess.run(
+        [*submit, *pretrain_args(digits, tmp_path, "submitted")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
     assert summary["train"]["final_step"] == 12
@@ -66,12 +72,17 @@ def test_job_with_token_trains_on_two_nodes_and_without_token_is_refused(cluster
 
     # The same submission without the token, by the CLI and over plain HTTP, with a wrong token.
     anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled"}
-    refused = subprocess.run([*submit, "echo", "pwned"], env=anonymous, cwd=REPO, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [*submit, "echo", "pwned"], env=anonymous, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode != 0 and "Unauthorized" in refused.stdout + refused.stderr
     jobs_api = f"{cluster.dashboard_url}/api/jobs/"
     assert requests.post(jobs_api, json={"entrypoint": "echo pwned"}, timeout=30).status_code == 401
     wrong = {"Authorization": "Bearer " + "0" * 64}
-    assert requests.post(jobs_api, json={"entrypoint": "echo pwned"}, headers=wrong, timeout=30).status_code in (401, 403)
+    assert requests.post(jobs_api, json={"entrypoint": "echo pwned"}, headers=wrong, timeout=30).status_code in (
+        401,
+        403,
+    )
     listed = requests.get(jobs_api, headers=cluster.auth_headers(), timeout=30).json()
     assert [j["entrypoint"] for j in listed if "pwned" in j["entrypoint"]] == [], "a refused job was created"
 
@@ -81,8 +92,14 @@ def test_lost_worker_node_resumes_on_the_others_from_last_committed_checkpoint(c
 
     client = JobSubmissionClient(cluster.dashboard_url, headers=cluster.auth_headers())
     steps, every = 40, 4
-    entrypoint = pretrain_args(digits, tmp_path, "lost-node", f"train.steps={steps}", f"train.checkpoint_every={every}",
-                               "cluster.max_failures=1")
+    entrypoint = pretrain_args(
+        digits,
+        tmp_path,
+        "lost-node",
+        f"train.steps={steps}",
+        f"train.checkpoint_every={every}",
+        "cluster.max_failures=1",
+    )
     job = client.submit_job(entrypoint=" ".join(entrypoint), runtime_env={"working_dir": str(REPO)})
     run = tmp_path / "lost-node"
 
@@ -135,9 +152,11 @@ def test_lost_worker_node_resumes_on_the_others_from_last_committed_checkpoint(c
     assert resumed in (committed_at_loss, committed_at_loss + every) and resumed != half_written
     assert f"resumed from step {resumed}/{steps}" in logs
     assert resumed_in is not None, "no training progress was seen after the restart"
-    print(f"\n[test] node {victim.name} lost at step {max(STEP_LINE.findall(logs)[:steps_before], key=int)} "
-          f"(last committed checkpoint {committed_at_loss}, resumed from {resumed}); training progressed "
-          f"again {resumed_in:.1f} s after the loss")
+    print(
+        f"\n[test] node {victim.name} lost at step {max(STEP_LINE.findall(logs)[:steps_before], key=int)} "
+        f"(last committed checkpoint {committed_at_loss}, resumed from {resumed}); training progressed "
+        f"again {resumed_in:.1f} s after the loss"
+    )
 
     assert summary["train"]["final_step"] == steps
     first, second = summary["placements"]
@@ -164,7 +183,9 @@ def worker_node_of_a_train_worker(cluster: LocalCluster):
     from ray.util.state.common import ListApiOptions, StateResource
 
     state = StateApiClient(cluster.dashboard_url, headers=cluster.auth_headers())
-    actors = state.list(StateResource.ACTORS, ListApiOptions(filters=[("state", "=", "ALIVE")]), raise_on_missing_output=False)
+    actors = state.list(
+        StateResource.ACTORS, ListApiOptions(filters=[("state", "=", "ALIVE")]), raise_on_missing_output=False
+    )
     train_nodes = {actor["node_id"] for actor in actors if actor["class_name"] == "RayTrainWorker"}
     return next(node for node in cluster.nodes if node.node_id in train_nodes and node.name != "head")
 

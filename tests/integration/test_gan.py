@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from biglearn.data.manifest import read_manifest
 from biglearn.data.prepare import write_source
 from biglearn.data.sources import digits_source
 from biglearn.export import load_export
 from biglearn.model import UniversalTransformer
-from biglearn.data.manifest import read_manifest
 from biglearn.train.ingest import micro_batches
-from biglearn.train.steps import retrieval_memory
 from biglearn.train.run import pretrain, shard_dataset
+from biglearn.train.steps import retrieval_memory
 from tests.integration.conftest import metrics_history, tiny_config
 
 pytestmark = pytest.mark.ray
@@ -36,8 +36,17 @@ def digit_patches(tmp_path_factory) -> str:
 
 
 def tiny_gan(data: str, storage: Path, name: str, *extra: str):
-    return tiny_config(data, storage, name, "gan.noise_dim=4", "gan.transform_probability=0.3",
-                       "cluster.num_workers=1", "train.steps=8", "model.retrieval_neighbours=3", *extra)
+    return tiny_config(
+        data,
+        storage,
+        name,
+        "gan.noise_dim=4",
+        "gan.transform_probability=0.3",
+        "cluster.num_workers=1",
+        "train.steps=8",
+        "model.retrieval_neighbours=3",
+        *extra,
+    )
 
 
 def test_rows_reach_the_worker_bit_for_bit_as_the_retrieval_memory_holds_them(ray_cluster, digit_patches):
@@ -59,8 +68,16 @@ def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_
     # epoch's own shuffle seed).
     epochs = ["optim.batch_size=256", "optim.grad_accum=2", "train.checkpoint_every=3"]
     straight = pretrain(tiny_gan(digit_patches, tmp_path, "straight", *epochs))
-    killed = pretrain(tiny_gan(digit_patches, tmp_path, "killed", *epochs, "cluster.max_failures=1",
-                               "train.faults=[{kind: kill, step: 7, rank: 0}]"))
+    killed = pretrain(
+        tiny_gan(
+            digit_patches,
+            tmp_path,
+            "killed",
+            *epochs,
+            "cluster.max_failures=1",
+            "train.faults=[{kind: kill, step: 7, rank: 0}]",
+        )
+    )
 
     assert (tmp_path / "killed" / "faults" / "kill-rank0-step7").exists(), "the fault never fired"
     assert straight.summary["train"] == {"final_step": 8, "resumes": []}
@@ -72,7 +89,9 @@ def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_
     # Steps 7-8 after the restart must see the same critic, optimizer moments, LR schedule,
     # tasks, noise and data as without it: any of them missing would move the generator.
     for key in ("loss", "critic", "r1", "families"):
-        assert [record[key] for record in history] == [record[key] for record in metrics_history(straight.run_folder)], key
+        assert [record[key] for record in history] == [
+            record[key] for record in metrics_history(straight.run_folder)
+        ], key
     resumed, uninterrupted = (load_file(Path(run.export) / "model.safetensors") for run in (killed, straight))
     assert resumed.keys() == uninterrupted.keys()
     for name, weights in uninterrupted.items():
@@ -80,7 +99,9 @@ def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_
     _, spec = load_export(straight.export)
     torch.manual_seed(0)  # train.seed: the loop builds the generator first from this seed
     initial = UniversalTransformer(spec).state_dict()
-    assert all(not torch.allclose(weights, initial[name]) for name, weights in uninterrupted.items() if "norm" not in name)
+    assert all(
+        not torch.allclose(weights, initial[name]) for name, weights in uninterrupted.items() if "norm" not in name
+    )
 
     generator, spec = load_export(killed.export)
     assert spec.noise_dim == 4 and spec.patch_dim == 4 and spec.grid == (4, 4) and not spec.critic
@@ -123,19 +144,42 @@ def test_mnist_and_celeba_recipes_start_and_step(ray_cluster, tmp_path, recipe):
     else:
         (tmp_path / "faces").mkdir()
         for index in range(40):
-            Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(tmp_path / "faces" / f"{index:03d}.png")
-        source = {"kind": "images", "folder": str(tmp_path / "faces"), "resolution": 64, "encoding": "patches", "patch": 8}
+            Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(
+                tmp_path / "faces" / f"{index:03d}.png"
+            )
+        source = {
+            "kind": "images",
+            "folder": str(tmp_path / "faces"),
+            "resolution": 64,
+            "encoding": "patches",
+            "patch": 8,
+        }
     data = str(tmp_path / "data")
     manifest = prepare_dataset(PrepareConfig(source=source, output=data, validation_fraction=0.2, workers=0))
     assert manifest.kind == "continuous"
 
-    recipe_file = Path(__file__).resolve().parents[2] / "jobs" / "configs" / f"{recipe}.yaml"
-    cfg = load_config(PretrainConfig, recipe_file, [
-        f"data.path={data}", f"run.storage={tmp_path / 'runs'}", "model.d_model=32", "model.num_layers=1",
-        "model.num_heads=2", "gan.noise_dim=4", "optim.batch_size=8", "optim.warmup_steps=1", "train.steps=2",
-        "train.log_every=1", "train.checkpoint_every=2", "cluster.num_workers=1", "cluster.use_gpu=false",
-        "cluster.torch_threads=1", "eval.panel_examples=4",
-    ])
+    recipe_file = Path(__file__).resolve().parents[2] / "biglearn" / "recipes" / f"{recipe}.yaml"
+    cfg = load_config(
+        PretrainConfig,
+        recipe_file,
+        [
+            f"data.path={data}",
+            f"run.storage={tmp_path / 'runs'}",
+            "model.d_model=32",
+            "model.num_layers=1",
+            "model.num_heads=2",
+            "gan.noise_dim=4",
+            "optim.batch_size=8",
+            "optim.warmup_steps=1",
+            "train.steps=2",
+            "train.log_every=1",
+            "train.checkpoint_every=2",
+            "cluster.num_workers=1",
+            "cluster.use_gpu=false",
+            "cluster.torch_threads=1",
+            "eval.panel_examples=4",
+        ],
+    )
     outcome = pretrain(cfg)
     assert outcome.summary["train"]["final_step"] == 2
     history = metrics_history(outcome.run_folder)

@@ -14,20 +14,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from biglearn import cli
 from biglearn.data.digits import ensure_digits
-from biglearn.export import load_export
-from biglearn.train.ingest import micro_batches
 from biglearn.data.manifest import MISSING, read_manifest, read_split
+from biglearn.export import load_export
 from biglearn.generation import complete
 from biglearn.roles import ABSENT, SOURCE, TARGET
+from biglearn.train.ingest import micro_batches
 from biglearn.train.ownership import RunLease
 from biglearn.train.run import PretrainError, pretrain, shard_dataset
 from tests.integration.conftest import metrics_history
 from tests.integration.conftest import tiny_config as tiny
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "jobs"))
-import pretrain as pretrain_job  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -40,12 +39,22 @@ def logged_steps(run_folder: str) -> list[int]:
     return logged(run_folder, "step")
 
 
-def test_sigkilled_worker_is_restarted_from_last_checkpoint_and_ends_as_an_uninterrupted_run(ray_cluster, digits, tmp_path):
+def test_sigkilled_worker_is_restarted_from_last_checkpoint_and_ends_as_an_uninterrupted_run(
+    ray_cluster, digits, tmp_path
+):
     # Two micro-steps per optimizer step, one task per global batch held for 2 steps.
-    same = ["eval.guidance=1.0", "model.retrieval_neighbours=3", "optim.grad_accum=2", "schedule.granularity=batch",
-            "schedule.inner_steps=2", "eval.panel_examples=4"]
+    same = [
+        "eval.guidance=1.0",
+        "model.retrieval_neighbours=3",
+        "optim.grad_accum=2",
+        "schedule.granularity=batch",
+        "schedule.inner_steps=2",
+        "eval.panel_examples=4",
+    ]
     straight = pretrain(tiny(digits, tmp_path, "straight", *same))
-    cfg = tiny(digits, tmp_path, "killed", *same, "cluster.max_failures=1", "train.faults=[{kind: kill, step: 7, rank: 1}]")
+    cfg = tiny(
+        digits, tmp_path, "killed", *same, "cluster.max_failures=1", "train.faults=[{kind: kill, step: 7, rank: 1}]"
+    )
     outcome = pretrain(cfg)
 
     assert (tmp_path / "killed" / "faults" / "kill-rank1-step7").exists(), "the fault never fired"
@@ -73,7 +82,12 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint_and_ends_as_an_unint
     assert {"joint", "bottom_half", "random_50"} <= set(panel)
     assert all(0 < v < 10 for v in panel.values())
     quality = json.loads((export / "panel.json").read_text())["quality"]
-    assert {"completion_accuracy", "completion_accuracy_first_draw", "completion_accuracy_unguided", "joint_top_class_probability"} <= set(quality)
+    assert {
+        "completion_accuracy",
+        "completion_accuracy_first_draw",
+        "completion_accuracy_unguided",
+        "joint_top_class_probability",
+    } <= set(quality)
     assert quality["conditional"]["draws_per_input"] == 2 and quality["joint"]["samples"] == 4
     assert {"mmd", "mmd_reference"} <= set(quality["marginal_left_half"])
     assert spec.carries_training_data and json.loads((export / "model.json").read_text())["carries_training_data"]
@@ -84,7 +98,9 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint_and_ends_as_an_unint
 
 
 def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(ray_cluster, digits, tmp_path, capsys):
-    failing = tiny(digits, tmp_path, "nan", "train.faults=[{kind: nan_loss, step: 10, rank: 0}]", "train.tracker=tensorboard")
+    failing = tiny(
+        digits, tmp_path, "nan", "train.faults=[{kind: nan_loss, step: 10, rank: 0}]", "train.tracker=tensorboard"
+    )
     with pytest.raises(PretrainError) as failure:
         pretrain(failing)
     message = str(failure.value)
@@ -99,7 +115,10 @@ def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(ray_cluster, digits,
     # TensorBoard got the same records: the failed attempt's steps 1-9, then the resumed one's
     # 9-12 after a marker that tells TensorBoard to drop the first attempt's step 9.
     attempts = [tensorboard_scalars(path) for path in sorted((tmp_path / "nan" / "tensorboard").iterdir())]
-    assert [sorted({step for tag, step in events if tag == "loss"}) for events in attempts] == [list(range(1, 10)), list(range(9, 13))]
+    assert [sorted({step for tag, step in events if tag == "loss"}) for events in attempts] == [
+        list(range(1, 10)),
+        list(range(9, 13)),
+    ]
     assert {"loss", "lr", "samples_per_s"} <= {tag for tag, _ in attempts[0]}
     assert any(tag.startswith("loss_by_family/") for tag, _ in attempts[0])
 
@@ -162,7 +181,7 @@ def test_shards_are_read_in_blocks_of_bounded_size(ray_cluster, digits):
 )
 def test_bad_input_is_refused_before_training(overrides, expected, capsys):
     args = [arg for item in overrides for arg in ("--set", item)]
-    assert pretrain_job.main(args) == 2
+    assert cli.pretrain(args) == 2
     err = capsys.readouterr().err
     for fragment in expected:
         assert fragment in err
@@ -171,13 +190,27 @@ def test_bad_input_is_refused_before_training(overrides, expected, capsys):
 
 @pytest.mark.parametrize(
     "embedded, option, expected",
-    [("digits-patches", "eval.guidance=1", "eval.guidance applies only to decoding token models"),
-     ("digits", "model.retrieval_neighbours=2000", "it has 1437 rows of 64 x 1: set model.retrieval_neighbours to 0")],
+    [
+        ("digits-patches", "eval.guidance=1", "eval.guidance applies only to decoding token models"),
+        (
+            "digits",
+            "model.retrieval_neighbours=2000",
+            "it has 1437 rows of 64 x 1: set model.retrieval_neighbours to 0",
+        ),
+    ],
 )
 def test_options_the_data_cannot_take_are_refused_before_training(tmp_path, capsys, embedded, option, expected):
-    args = ["--set", f"data.embedded_root={tmp_path / 'data'}", "--set", f"data.embedded={embedded}",
-            "--set", option, "--set", f"run.storage={tmp_path / 'runs'}"]
-    assert pretrain_job.main(args) == 2
+    args = [
+        "--set",
+        f"data.embedded_root={tmp_path / 'data'}",
+        "--set",
+        f"data.embedded={embedded}",
+        "--set",
+        option,
+        "--set",
+        f"run.storage={tmp_path / 'runs'}",
+    ]
+    assert cli.pretrain(args) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
@@ -194,7 +227,7 @@ def test_a_data_path_is_read_and_never_written(tmp_path, capsys):
     (partial / "_receipts").mkdir()
     before = {p: p.read_bytes() for p in partial.rglob("*") if p.is_file()}
     storage = f"run.storage={tmp_path / 'runs'}"
-    assert pretrain_job.main(["--set", f"data.path={partial}", "--set", storage]) == 2
+    assert cli.pretrain(["--set", f"data.path={partial}", "--set", storage]) == 2
     err = capsys.readouterr().err
     assert f"{partial} has no manifest.json" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in partial.rglob("*") if p.is_file()} == before and (partial / "_receipts").is_dir()
@@ -202,7 +235,7 @@ def test_a_data_path_is_read_and_never_written(tmp_path, capsys):
     crowded = tmp_path / "embedded" / "digits"
     crowded.mkdir(parents=True)
     (crowded / "notes.txt").write_text("mine")
-    assert pretrain_job.main(["--set", f"data.embedded_root={crowded.parent}", "--set", storage]) == 2
+    assert cli.pretrain(["--set", f"data.embedded_root={crowded.parent}", "--set", storage]) == 2
     err = capsys.readouterr().err
     assert "holds files that no biglearn conversion wrote (notes.txt)" in err
     assert [p.name for p in crowded.iterdir()] == ["notes.txt"] and not (tmp_path / "runs").exists()
@@ -211,16 +244,24 @@ def test_a_data_path_is_read_and_never_written(tmp_path, capsys):
 def test_a_run_is_owned_by_one_process_and_a_killed_owner_is_succeeded(digits, tmp_path, capsys):
     storage = tmp_path / "runs"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom biglearn.train.ownership import RunLease\n"
-         f"with RunLease({str(storage / 'G')!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom biglearn.train.ownership import RunLease\n"
+            f"with RunLease({str(storage / 'G')!r}):\n    print('held', flush=True)\n    time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
         args = ["--set", f"data.path={digits}", "--set", f"run.storage={storage}", "--set", "run.name=G"]
-        assert pretrain_job.main(args) == 2
+        assert cli.pretrain(args) == 2
         err = capsys.readouterr().err
-        assert f"run folder {storage / 'G'} is in use" in err and f"pid {holder.pid}" in err and "another run.name" in err
+        assert (
+            f"run folder {storage / 'G'} is in use" in err and f"pid {holder.pid}" in err and "another run.name" in err
+        )
         assert sorted(p.name for p in (storage / "G").iterdir()) == [".lease"]  # nothing else written
     finally:
         holder.kill()
@@ -235,21 +276,46 @@ def test_a_csv_with_missing_cells_trains_from_the_command_line_and_imputes(ray_c
     observed cells, well above the most frequent species' share."""
     from sklearn.datasets import load_iris
 
-    import prepare_data as prepare_job
-
     iris, rng = load_iris(), np.random.default_rng(0)
     lines = ["sepal_length,sepal_width,petal_length,petal_width,species"]
     for x, y in zip(iris.data, iris.target):
         lines.append(",".join("" if rng.random() < 0.3 else str(v) for v in [*x, iris.target_names[y]]))
     (tmp_path / "iris.csv").write_text("\n".join(lines) + "\n")
     data = tmp_path / "iris"
-    assert prepare_job.main(["--set", "source.kind=table", "--set", f"source.files={tmp_path / 'iris.csv'}", "--set",
-                             "source.bins=8", "--set", f"output={data}", "--set", "validation_fraction=0.3"]) == 0
-    settings = [f"data.path={data}", f"run.storage={tmp_path / 'runs'}", "run.name=iris", "model.d_model=64",
-                "model.num_layers=2", "model.num_heads=2", "optim.batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=20",
-                "train.steps=300", "train.log_every=50", "cluster.torch_threads=1", "eval.panel_steps=2"]
-    config = str(REPO / "jobs" / "configs" / "table.yaml")
-    assert pretrain_job.main(["--config", config, *[arg for item in settings for arg in ("--set", item)]]) == 0
+    assert (
+        cli.prepare(
+            [
+                "--set",
+                "source.kind=table",
+                "--set",
+                f"source.files={tmp_path / 'iris.csv'}",
+                "--set",
+                "source.bins=8",
+                "--set",
+                f"output={data}",
+                "--set",
+                "validation_fraction=0.3",
+            ]
+        )
+        == 0
+    )
+    settings = [
+        f"data.path={data}",
+        f"run.storage={tmp_path / 'runs'}",
+        "run.name=iris",
+        "model.d_model=64",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "optim.batch_size=32",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=20",
+        "train.steps=300",
+        "train.log_every=50",
+        "cluster.torch_threads=1",
+        "eval.panel_steps=2",
+    ]
+    config = str(REPO / "biglearn" / "recipes" / "table.yaml")
+    assert cli.pretrain(["--config", config, *[arg for item in settings for arg in ("--set", item)]]) == 0
 
     model, spec = load_export(tmp_path / "runs" / "iris" / "export")
     assert spec.position_vocab == read_manifest(str(data)).table.position_vocab
@@ -281,7 +347,7 @@ def test_corrupted_shard_is_named(tmp_path, capsys):
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
 
-    assert pretrain_job.main(["--set", f"data.path={data}", "--set", f"run.storage={tmp_path / 'runs'}"]) == 2
+    assert cli.pretrain(["--set", f"data.path={data}", "--set", f"run.storage={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err
     assert str(shard) in err and "corrupted" in err
     assert not (tmp_path / "runs").exists(), "nothing should be written for a run that cannot start"
@@ -291,8 +357,9 @@ def test_corrupted_shard_is_named(tmp_path, capsys):
 def test_other_zero_stages_train_and_export_full_weights(ray_cluster, digits, tmp_path, stage):
     """ZeRO-1 shards optimizer state; ZeRO-3 also shards the weights, which the export must gather
     (the retrieval memory, a buffer, included)."""
-    cfg = tiny(digits, tmp_path, f"zero{stage}", f"cluster.zero_stage={stage}", "train.steps=4",
-               "model.retrieval_neighbours=2")
+    cfg = tiny(
+        digits, tmp_path, f"zero{stage}", f"cluster.zero_stage={stage}", "train.steps=4", "model.retrieval_neighbours=2"
+    )
     outcome = pretrain(cfg)
     assert outcome.summary["train"]["final_step"] == 4
     model, _ = load_export(outcome.export)  # strict: a partitioned (empty) tensor would not load
@@ -305,8 +372,15 @@ def test_other_zero_stages_train_and_export_full_weights(ray_cluster, digits, tm
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 + NCCL path)")
 def test_gpu_bf16_nccl_zero3(ray_cluster, digits, tmp_path):
-    cfg = tiny(digits, tmp_path, "gpu", "cluster.use_gpu=true", "cluster.num_workers=1", "cluster.zero_stage=3",
-               "model.retrieval_neighbours=3")
+    cfg = tiny(
+        digits,
+        tmp_path,
+        "gpu",
+        "cluster.use_gpu=true",
+        "cluster.num_workers=1",
+        "cluster.zero_stage=3",
+        "model.retrieval_neighbours=3",
+    )
     outcome = pretrain(cfg)
     assert outcome.summary["train"]["final_step"] == 12
     assert all(0 < v < 10 for v in outcome.summary["panel_nll"].values())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 import biglearn.data.prepare as prepare_module
+from biglearn import cli
 from biglearn.data.manifest import read_manifest, read_split
 from biglearn.data.storage import fetch_folder, list_files, read_bytes, read_tagged, write_if
 from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, complete_tasks, parse_request
@@ -23,9 +23,6 @@ from biglearn.train.run import pretrain
 from tests.integration.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "jobs"))
-import prepare_data as prepare_job  # noqa: E402
-import pretrain as pretrain_job  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -41,7 +38,7 @@ def ray_with_s3(s3_server):
 
 
 def run_prepare(*settings: str) -> int:
-    return prepare_job.main([arg for item in settings for arg in ("--set", item)])
+    return cli.prepare([arg for item in settings for arg in ("--set", item)])
 
 
 def test_prepare_train_and_resume_all_in_s3(ray_with_s3, capsys):
@@ -55,13 +52,21 @@ def test_prepare_train_and_resume_all_in_s3(ray_with_s3, capsys):
     assert "manifest.json" in list_files(data) and not any(k.startswith("_receipts") for k in list_files(data))
 
     storage = "s3://runs/pretrain"
-    cfg = tiny_config(data, storage, "s3run", "train.steps=8", "cluster.max_failures=1",
-                      "train.faults=[{kind: kill, step: 6, rank: 0}]")
+    cfg = tiny_config(
+        data,
+        storage,
+        "s3run",
+        "train.steps=8",
+        "cluster.max_failures=1",
+        "train.faults=[{kind: kill, step: 6, rank: 0}]",
+    )
     outcome = pretrain(cfg)
     # Rank 0 was SIGKILLed at step 6; the restarted group read its checkpoint back from S3.
     assert outcome.summary["train"] == {"final_step": 8, "resumes": [4]}
     run_files = list_files(f"{storage}/s3run")
-    assert {"export/model.safetensors", "export/model.json", "metrics.jsonl", "summary.json", "config.json"} <= set(run_files)
+    assert {"export/model.safetensors", "export/model.json", "metrics.jsonl", "summary.json", "config.json"} <= set(
+        run_files
+    )
     history = [json.loads(line)["step"] for line in read_bytes(f"{storage}/s3run/metrics.jsonl").decode().splitlines()]
     assert history == list(range(1, 9))
 
@@ -76,7 +81,9 @@ def test_prepare_train_and_resume_all_in_s3(ray_with_s3, capsys):
     assert sample[0, 0] == 3 and ((0 <= sample) & (sample < 17)).all()
 
     out = capsys.readouterr()
-    saved = b"".join(read_bytes(f"{storage}/s3run/{name}") for name in ("config.json", "summary.json", "export/config.json"))
+    saved = b"".join(
+        read_bytes(f"{storage}/s3run/{name}") for name in ("config.json", "summary.json", "export/config.json")
+    )
     for secret in (s3.secret_key, s3.access_key):
         assert secret not in out.out + out.err and secret.encode() not in saved
 
@@ -114,7 +121,7 @@ def test_storage_errors_say_what_is_wrong(ray_with_s3, monkeypatch, tmp_path, ca
     assert "bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
 
     args = ["--set", f"run.storage={tmp_path}"]
-    assert pretrain_job.main([*args, "--set", "data.path=s3://errors/nothing-here"]) == 2
+    assert cli.pretrain([*args, "--set", "data.path=s3://errors/nothing-here"]) == 2
     assert "no dataset at s3://errors/nothing-here" in capsys.readouterr().err
 
     assert run_prepare("source.kind=digits", "output=s3://AKIAFAKE:hunter22@errors/digits") == 2
@@ -125,7 +132,7 @@ def test_storage_errors_say_what_is_wrong(ray_with_s3, monkeypatch, tmp_path, ca
     shard = "errors/digits/train-00001.parquet"
     body = s3.client().get_object(Bucket="errors", Key="digits/train-00001.parquet")["Body"].read()
     s3.client().put_object(Bucket="errors", Key="digits/train-00001.parquet", Body=body[: len(body) // 2])
-    assert pretrain_job.main([*args, "--set", "data.path=s3://errors/digits"]) == 2
+    assert cli.pretrain([*args, "--set", "data.path=s3://errors/digits"]) == 2
     err = capsys.readouterr().err
     assert f"s3://{shard}" in err and "truncated" in err
 
@@ -162,7 +169,13 @@ def test_a_run_in_object_storage_is_leased_to_one_process_and_a_lapsed_lease_is_
     assert lease_key not in {o["Key"] for o in s3_server.client().list_objects_v2(Bucket="leases").get("Contents", [])}
 
     # A holder on another machine that stopped renewing: its lease lapses after the TTL.
-    lapsed = {"host": "elsewhere", "pid": 1, "started": "2026-01-01T00:00:00+00:00", "token": "t", "renewed": time.time()}
+    lapsed = {
+        "host": "elsewhere",
+        "pid": 1,
+        "started": "2026-01-01T00:00:00+00:00",
+        "token": "t",
+        "renewed": time.time(),
+    }
     s3_server.client().put_object(Bucket="leases", Key=lease_key, Body=json.dumps(lapsed).encode())
     with pytest.raises(RunBusyError, match="host elsewhere, pid 1"):
         with RunLease(run, ttl_s=30):

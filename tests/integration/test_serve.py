@@ -4,7 +4,6 @@ Prometheus metrics, and a replica killed under load."""
 
 import hashlib
 import json
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,13 +16,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from biglearn.export import write_export
+from biglearn.serve.app import app_from_config
 from biglearn.serving import decode_png
 from biglearn.train.run import pretrain
 from tests.integration.conftest import free_port, tiny_config, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from serve.app import app_from_config  # noqa: E402
 
 pytestmark = pytest.mark.ray
 torch.set_num_threads(1)
@@ -53,13 +49,19 @@ DEPLOYMENT = {
 def export(digits, tmp_path_factory) -> Path:
     import ray
 
-    cfg = tiny_config(digits, tmp_path_factory.mktemp("runs"), "serve-tiny", "cluster.num_workers=1",
-                      "train.steps=10", "train.log_every=5", "train.checkpoint_every=10")
+    cfg = tiny_config(
+        digits,
+        tmp_path_factory.mktemp("runs"),
+        "serve-tiny",
+        "cluster.num_workers=1",
+        "train.steps=10",
+        "train.log_every=5",
+        "train.checkpoint_every=10",
+    )
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         _metrics_export_port=free_port(),
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
     )
     yield Path(pretrain(cfg).export)
     ray.shutdown()
@@ -89,7 +91,9 @@ _answered_lock = threading.Lock()
 
 def post(base: str, body, timeout: float = 60) -> requests.Response:
     if isinstance(body, (str, bytes)):
-        response = requests.post(f"{base}/v1/complete", data=body, headers={"content-type": "application/json"}, timeout=timeout)
+        response = requests.post(
+            f"{base}/v1/complete", data=body, headers={"content-type": "application/json"}, timeout=timeout
+        )
     else:
         response = requests.post(f"{base}/v1/complete", json=body, timeout=timeout)
     if not base.endswith(SIDE_APPS) and response.status_code != 503:
@@ -166,7 +170,12 @@ def test_completions_keep_given_values_fill_targets_and_repeat_by_seed(server):
 def test_concurrent_requests_with_different_tasks_are_batched_without_changing_answers(server):
     base, metrics_url = server
     bodies = [
-        {"values": {str(i): (i + n) % V for i in range(n, n + 8)}, "target": "rest" if n % 2 else list(range(40, 40 + n + 1)), "seed": n, "num_samples": 1 + n % 2}
+        {
+            "values": {str(i): (i + n) % V for i in range(n, n + 8)},
+            "target": "rest" if n % 2 else list(range(40, 40 + n + 1)),
+            "seed": n,
+            "num_samples": 1 + n % 2,
+        }
         for n in range(12)
     ]
     alone = [post(base, b).json() for b in bodies]
@@ -221,7 +230,11 @@ def test_health_fails_for_an_export_that_cannot_serve(server, export, tmp_path):
     state = {k: torch.full_like(v, float("nan")) for k, v in load_file(export / "model.safetensors").items()}
     spec = ModelSpec.model_validate_json((export / "model.json").read_text())
     write_export(tmp_path, state, spec, json.loads((export / "manifest.json").read_text()), {})
-    app, _, _ = app_from_config(export=str(tmp_path), overrides=SETTINGS, deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    app, _, _ = app_from_config(
+        export=str(tmp_path),
+        overrides=SETTINGS,
+        deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+    )
     serve.run(app, name="broken", route_prefix="/broken")
     try:
         health = requests.get(f"{base}/broken/v1/health", timeout=10)
@@ -242,11 +255,21 @@ def test_a_gan_export_serves_one_pass_samples_of_numbers(server, tmp_path):
     spec = ModelSpec(model=ModelConfig(d_model=32, num_layers=1, num_heads=2), length=2, patch_dim=1, noise_dim=4)
     manifest = {"name": "gmm25", "kind": "continuous", "length": 2, "patch_dim": 1}
     write_export(tmp_path, UniversalTransformer(spec).state_dict(), spec, manifest, {})
-    app, _, _ = app_from_config(export=str(tmp_path), overrides=SETTINGS, deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    app, _, _ = app_from_config(
+        export=str(tmp_path),
+        overrides=SETTINGS,
+        deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+    )
     serve.run(app, name="gan", route_prefix="/gan")
     try:
         card = requests.get(f"{base}/gan/v1/model", timeout=10).json()
-        assert (card["kind"], card["length"], card["patch_dim"], card["vocab_size"], card["png"]) == ("continuous", 2, 1, None, False)
+        assert (card["kind"], card["length"], card["patch_dim"], card["vocab_size"], card["png"]) == (
+            "continuous",
+            2,
+            1,
+            None,
+            False,
+        )
         body = {"values": [0.75, None], "num_samples": 4, "seed": 3}
         answer = post(f"{base}/gan", body)
         assert answer.status_code == 200, answer.text
@@ -271,29 +294,55 @@ def test_a_table_export_is_asked_and_answers_by_column_name(server, tmp_path):
 
     base, _ = server
     rng = np.random.default_rng(0)
-    table = {"age": rng.integers(18, 90, 100).astype(float), "sex": rng.choice(np.array(["F", "M"], dtype=object), 100),
-             "income": rng.lognormal(10, 1, 100)}
+    table = {
+        "age": rng.integers(18, 90, 100).astype(float),
+        "sex": rng.choice(np.array(["F", "M"], dtype=object), 100),
+        "income": rng.lognormal(10, 1, 100),
+    }
     schema = fit_schema(table, {"age": "numeric", "sex": "categorical", "income": "numeric"}, np.arange(100), bins=4)
-    spec = ModelSpec(model=ModelConfig(d_model=16, num_layers=1, num_heads=2), length=3, vocab_size=schema.vocab_size,
-                     position_vocab=schema.position_vocab)
-    manifest = {"name": "people", "kind": "discrete", "length": 3, "vocab_size": schema.vocab_size,
-                "table": schema.model_dump(mode="json")}
+    spec = ModelSpec(
+        model=ModelConfig(d_model=16, num_layers=1, num_heads=2),
+        length=3,
+        vocab_size=schema.vocab_size,
+        position_vocab=schema.position_vocab,
+    )
+    manifest = {
+        "name": "people",
+        "kind": "discrete",
+        "length": 3,
+        "vocab_size": schema.vocab_size,
+        "table": schema.model_dump(mode="json"),
+    }
     write_export(tmp_path, UniversalTransformer(spec).state_dict(), spec, manifest, {})
-    app, _, _ = app_from_config(export=str(tmp_path), overrides=SETTINGS, deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}})
+    app, _, _ = app_from_config(
+        export=str(tmp_path),
+        overrides=SETTINGS,
+        deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+    )
     serve.run(app, name="table", route_prefix="/table")
     try:
         card = requests.get(f"{base}/table/v1/model", timeout=10).json()
-        assert [(c["name"], c["type"]) for c in card["columns"]] == [("age", "numeric"), ("sex", "categorical"), ("income", "numeric")]
+        assert [(c["name"], c["type"]) for c in card["columns"]] == [
+            ("age", "numeric"),
+            ("sex", "categorical"),
+            ("income", "numeric"),
+        ]
         assert card["columns"][1]["categories"] == ["F", "M"]
         answer = post(f"{base}/table", {"values": {"age": 42, "sex": "F"}, "target": ["income"], "num_samples": 3})
         assert answer.status_code == 200, answer.text
         body = answer.json()
-        assert all(s["values"]["age"] == 42 and s["values"]["sex"] == "F" and isinstance(s["values"]["income"], float)
-                   for s in body["samples"])
+        assert all(
+            s["values"]["age"] == 42 and s["values"]["sex"] == "F" and isinstance(s["values"]["income"], float)
+            for s in body["samples"]
+        )
         assert isinstance(body["estimate"]["income"], float)
-        for bad, detail in [({"values": {"height": 1}}, "does not have"), ({"values": {"sex": "X"}}, "not a category"),
-                            ({"values": {"age": "old"}}, "is numeric"), ({"values": {"age": 1}, "target": ["age"]}, "both given"),
-                            ('{"values": {"age": NaN}}', None)]:
+        for bad, detail in [
+            ({"values": {"height": 1}}, "does not have"),
+            ({"values": {"sex": "X"}}, "not a category"),
+            ({"values": {"age": "old"}}, "is numeric"),
+            ({"values": {"age": 1}, "target": ["age"]}, "both given"),
+            ('{"values": {"age": NaN}}', None),
+        ]:
             refused = post(f"{base}/table", bad)
             assert refused.status_code == 422 and (detail is None or detail in refused.json()["detail"]), refused.text
     finally:
@@ -306,7 +355,13 @@ BAD = [
     ("malformed JSON", '{"values": {"0": 1}', 400, "not valid JSON", "malformed_json"),
     ("wrong length", {"values": [1, 2, 3]}, 422, f"this model takes exactly {L}", "invalid_request"),
     ("outside the vocabulary", {"values": {"0": V}}, 422, "outside the vocabulary", "invalid_request"),
-    ("non-finite number", '{"values": {"0": 1}, "temperature": NaN}', 422, "temperature: Input should be a finite number", "invalid_schema"),
+    (
+        "non-finite number",
+        '{"values": {"0": 1}, "temperature": NaN}',
+        422,
+        "temperature: Input should be a finite number",
+        "invalid_schema",
+    ),
     ("empty target", {"values": {"0": 1}, "target": []}, 422, "target is empty", "invalid_request"),
     ("no target left", {"values": [1] * L}, 422, "every position is known", "invalid_request"),
     ("overlapping S and T", {"values": {"0": 1}, "target": [0, 1]}, 422, "both known and targets", "invalid_request"),
@@ -334,7 +389,8 @@ def test_each_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(server):
 
     after = settled(metrics_url)
     rejected = {
-        r: metric(after, "ray_biglearn_rejected_requests_total", reason=r) - metric(before, "ray_biglearn_rejected_requests_total", reason=r)
+        r: metric(after, "ray_biglearn_rejected_requests_total", reason=r)
+        - metric(before, "ray_biglearn_rejected_requests_total", reason=r)
         for r in reasons
     }
     assert rejected == reasons
@@ -353,7 +409,9 @@ def test_overload_is_refused_at_once_and_the_server_recovers(server):
     burst = 128
     with ThreadPoolExecutor(burst) as pool:
         statuses = list(pool.map(lambda seed: post(base, {**slow, "seed": seed}).status_code, range(burst)))
-    print(f"\n[serve] {burst} concurrent slow requests: {statuses.count(200)} answered, {statuses.count(503)} refused with 503")
+    print(
+        f"\n[serve] {burst} concurrent slow requests: {statuses.count(200)} answered, {statuses.count(503)} refused with 503"
+    )
     assert set(statuses) <= {200, 503}
     assert statuses.count(503) > 0 and statuses.count(200) <= burst - 1, f"a burst of {burst} over capacity {capacity}"
     assert statuses.count(200) >= MAX_ONGOING

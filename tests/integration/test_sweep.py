@@ -15,21 +15,31 @@ import pandas as pd
 import pytest
 import yaml
 
+from biglearn import cli
 from biglearn.data.prepare import write_source
 from biglearn.data.sources import GmmInput, GmmSource
 from tests.integration.conftest import wait_for
 from tests.integration.fake_cluster import FakeAutoscalingCluster
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "jobs"))
-import sweep as sweep_job  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 TINY = [
-    "model.d_model=32", "model.num_layers=1", "model.num_heads=2", "optim.batch_size=32", "optim.warmup_steps=2",
-    "train.steps=8", "train.log_every=4", "train.checkpoint_every=4", "cluster.torch_threads=1",
-    "eval.panel_examples=16", "eval.panel_steps=2", "eval.decode_steps=2", "eval.num_joint=4", "eval.num_shown=4",
+    "model.d_model=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "optim.batch_size=32",
+    "optim.warmup_steps=2",
+    "train.steps=8",
+    "train.log_every=4",
+    "train.checkpoint_every=4",
+    "cluster.torch_threads=1",
+    "eval.panel_examples=16",
+    "eval.panel_steps=2",
+    "eval.decode_steps=2",
+    "eval.num_joint=4",
+    "eval.num_shown=4",
 ]
 
 
@@ -37,7 +47,7 @@ def sweep_config(path: Path, digits: str, **fields) -> Path:
     config = {
         "name": "tiny",
         "storage": str(path.parent / "sweeps"),
-        "base": str(REPO / "jobs/configs/digits-quick.yaml"),
+        "base": str(REPO / "biglearn/recipes/digits-quick.yaml"),
         # Relative to the repository, where the sweep runs: trials and their Train workers run in
         # folders of Tune's and Train's own, so the sweep must hand them absolute paths.
         "overrides": [f"data.path={os.path.relpath(digits, REPO)}", f"run.storage={path.parent / 'runs'}", *TINY],
@@ -65,7 +75,7 @@ def sweep_config(path: Path, digits: str, **fields) -> Path:
 )
 def test_bad_search_space_is_refused_before_any_trial(tmp_path, digits, capsys, space, expected):
     config = sweep_config(tmp_path / "sweep.yaml", digits, space=space)
-    assert sweep_job.main(["--config", str(config)]) == 2
+    assert cli.sweep(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     for fragment in expected:
         assert fragment in err
@@ -108,15 +118,21 @@ def terminated_trials(folder: Path) -> set[str]:
     return done
 
 
-@pytest.mark.timeout(2700)  # two sweep attempts and a training run; the default 1200 s ran out on a loaded 2-core machine
+@pytest.mark.timeout(
+    2700
+)  # two sweep attempts and a training run; the default 1200 s ran out on a loaded 2-core machine
 def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, digits):
     cluster = FakeAutoscalingCluster(worker_cpus=1, max_workers=2, idle_timeout_s=5).start()
     # Ray reads the auth settings once per process: everything talking to this cluster is a
     # subprocess started with them.
     env = {**os.environ, **cluster.env}
     counts = tmp_path / "nodes.txt"
-    recorder = subprocess.Popen([sys.executable, "-c", NODE_RECORDER, cluster.address], env=env,
-                                stdout=open(counts, "w"), stderr=subprocess.DEVNULL)
+    recorder = subprocess.Popen(
+        [sys.executable, "-c", NODE_RECORDER, cluster.address],
+        env=env,
+        stdout=open(counts, "w"),
+        stderr=subprocess.DEVNULL,
+    )
     trained = None
     try:
         config = sweep_config(tmp_path / "sweep.yaml", digits, address=cluster.address)
@@ -126,12 +142,17 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
         # --- first attempt: killed once Tune has saved a finished trial ---
         with open(tmp_path / "first.log", "w") as log:
             first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
             # A trial ASHA stopped is TERMINATED too; wait for one that ran all its steps.
             def finished_trials() -> list[str]:
                 assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                return [t for t in terminated_trials(folder) if (folder / "runs" / f"trial-{t}" / "step-00000008").exists()]
+                return [
+                    t for t in terminated_trials(folder) if (folder / "runs" / f"trial-{t}" / "step-00000008").exists()
+                ]
 
-            finished = wait_for(finished_trials, 1200, "a trial that ran all its steps in the saved sweep state", every_s=2)
+            finished = wait_for(
+                finished_trials, 1200, "a trial that ran all its steps in the saved sweep state", every_s=2
+            )
             first.send_signal(signal.SIGKILL)
             first.wait(30)
         kept = finished[0]
@@ -174,9 +195,19 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
         assert yaml.safe_load(best_yaml.read_text())["optim"]["lr"] == 3e-3
         with open(tmp_path / "best.log", "w") as best_log:  # the child keeps its own copy of the handle
             trained = subprocess.Popen(
-                [sys.executable, str(REPO / "jobs/pretrain.py"), "--config", str(best_yaml), "--set", "train.steps=4",
-                 "--set", f"run.storage={tmp_path / 'best'}"],
-                stdout=best_log, stderr=subprocess.STDOUT, cwd=REPO,
+                [
+                    sys.executable,
+                    str(REPO / "jobs/pretrain.py"),
+                    "--config",
+                    str(best_yaml),
+                    "--set",
+                    "train.steps=4",
+                    "--set",
+                    f"run.storage={tmp_path / 'best'}",
+                ],
+                stdout=best_log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
             )
 
         # --- scale-up while trials waited, scale-down once the sweep ended ---
@@ -200,22 +231,40 @@ def test_sweep_scales_cluster_resumes_after_kill_and_writes_results(tmp_path, di
 @pytest.fixture(scope="module")
 def gmm25(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("data") / "gmm25")
-    write_source(GmmSource(GmmInput(kind="gmm", num_examples=4000)), path, name="gmm25", validation_fraction=0.1,
-                 seed=0, rows_per_shard=4000)
+    write_source(
+        GmmSource(GmmInput(kind="gmm", num_examples=4000)),
+        path,
+        name="gmm25",
+        validation_fraction=0.1,
+        seed=0,
+        rows_per_shard=4000,
+    )
     return path
 
 
 GMM_TINY = [
-    "model.d_model=32", "model.num_layers=1", "model.num_heads=2", "gan.noise_dim=4", "optim.batch_size=64",
-    "optim.warmup_steps=2", "train.steps=6", "train.log_every=3", "train.checkpoint_every=3", "cluster.torch_threads=1",
+    "model.d_model=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "gan.noise_dim=4",
+    "optim.batch_size=64",
+    "optim.warmup_steps=2",
+    "train.steps=6",
+    "train.log_every=3",
+    "train.checkpoint_every=3",
+    "cluster.torch_threads=1",
 ]
 
 
 def gmm_sweep_config(path: Path, data: str, **fields) -> Path:
-    gmm = {"base": str(REPO / "jobs/configs/gmm25-gan-biglearn.yaml"),
-           "overrides": [f"data.path={data}", f"run.storage={path.parent / 'runs'}", *GMM_TINY],
-           "space": {"gan.transform_probability": {"grid": [0.0, 0.5]}}, "objective": "modes", "asha": None,
-           "num_samples": 1}
+    gmm = {
+        "base": str(REPO / "biglearn/recipes/gmm25-gan-biglearn.yaml"),
+        "overrides": [f"data.path={data}", f"run.storage={path.parent / 'runs'}", *GMM_TINY],
+        "space": {"gan.transform_probability": {"grid": [0.0, 0.5]}},
+        "objective": "modes",
+        "asha": None,
+        "num_samples": 1,
+    }
     return sweep_config(path, data, **{**gmm, **fields})
 
 
@@ -223,15 +272,20 @@ def gmm_sweep_config(path: Path, data: str, **fields) -> Path:
 def test_objective_that_does_not_fit_the_data_is_refused(tmp_path, request, capsys, data, objective):
     make = gmm_sweep_config if data == "gmm25" else sweep_config
     config = make(tmp_path / "sweep.yaml", request.getfixturevalue(data), objective=objective)
-    assert sweep_job.main(["--config", str(config)]) == 2
+    assert cli.sweep(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"objective '{objective}' does not fit" in err and "Traceback" not in err
 
 
 def test_gmm_gan_sweep_is_scored_by_the_modes_its_samples_miss(tmp_path, gmm25):
     config = gmm_sweep_config(tmp_path / "sweep.yaml", gmm25)
-    swept = subprocess.run([sys.executable, str(REPO / "jobs/sweep.py"), "--config", str(config)],
-                           capture_output=True, text=True, cwd=REPO, timeout=1200)
+    swept = subprocess.run(
+        [sys.executable, str(REPO / "jobs/sweep.py"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
     assert swept.returncode == 0, swept.stdout[-3000:] + swept.stderr[-3000:]
     table = pd.read_csv(tmp_path / "sweeps" / "tiny" / "results" / "trials.csv")
     assert len(table) == 2 and (table.status == "finished").all(), table

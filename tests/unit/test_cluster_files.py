@@ -25,8 +25,10 @@ RAY_VERSION = importlib.metadata.version("ray")
 # Ray's own Serve metrics the serving dashboard uses; each was seen on a 2.60 metrics port
 # (../shared/notes/ray-2.60.md section 4). Everything else must be ours.
 RAY_SERVE_METRICS = {
-    "ray_serve_num_http_requests_total", "ray_serve_http_request_latency_ms_bucket",
-    "ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries",
+    "ray_serve_num_http_requests_total",
+    "ray_serve_http_request_latency_ms_bucket",
+    "ray_serve_deployment_replica_healthy",
+    "ray_serve_deployment_queued_queries",
     "ray_serve_replica_processing_queries",
 }
 
@@ -36,15 +38,24 @@ def load_yaml_documents(path: Path) -> list[dict]:
 
 
 def test_every_cluster_file_is_checked_here():
-    files = {p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    files = {
+        p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
     assert files == {
-        "aws.yaml", "local.py", "Dockerfile", "prometheus.yml", "kuberay/rayjob-pretrain.yaml",
-        "kuberay/rayservice-serve.yaml", "grafana/README.md", "grafana/biglearn-serving.json",
+        "aws.yaml",
+        "local.py",
+        "Dockerfile",
+        "prometheus.yml",
+        "kuberay/rayjob-pretrain.yaml",
+        "kuberay/rayservice-serve.yaml",
+        "grafana/README.md",
+        "grafana/biglearn-serving.json",
         "grafana/biglearn-training.json",
     }, "a new file in cluster/ needs its structure test"
 
 
 # --- cluster launcher (AWS) --------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def aws() -> dict:
@@ -77,13 +88,14 @@ def test_aws_token_auth_on_every_node_and_project_installed(aws):
     token = next(remote for remote, local in aws["file_mounts"].items() if "auth_token" in remote)
     assert f"chmod 600 {token}" in aws["setup_commands"]
     project = next(remote for remote, local in aws["file_mounts"].items() if local == ".")
-    assert any(f"pip install --quiet -e {project}" in c for c in aws["setup_commands"])
+    assert any(f"pip install --quiet -e {project}'[train,serve,s3]'" in c for c in aws["setup_commands"])
     head = " ".join(aws["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head
     assert "0.0.0.0" not in yaml.safe_dump(aws)
 
 
 # --- KubeRay ---------------------------------------------------------------------------------
+
 
 def ray_cluster_spec(doc: dict) -> dict:
     return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]["rayClusterConfig"]
@@ -97,14 +109,24 @@ def test_kuberay_auth_autoscaling_and_gpu_workers(name):
     assert spec["authOptions"] == {"mode": "token"}
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu_groups, "a GPU worker group"
     for group in spec["workerGroupSpecs"]:
-        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] > group["minReplicas"]
+        assert (
+            0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+            and group["maxReplicas"] > group["minReplicas"]
+        )
         limits, requests = (group["template"]["spec"]["containers"][0]["resources"][k] for k in ("limits", "requests"))
         assert limits == requests, "GPU and CPU requests equal to limits: the autoscaler plans with them"
-    images = {c["image"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
     assert len(images) == 1, "every node runs the same image (cluster/Dockerfile)"
     pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     for pod in pods:  # what the ray-kuberay job of cluster/prometheus.yml scrapes
@@ -153,31 +175,45 @@ def test_rayservice_runs_serve_app_with_valid_settings_and_auth_in_front():
 def test_dockerfile_uses_the_installed_ray_and_installs_the_project():
     text = (CLUSTER / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{RAY_VERSION}-py311-gpu" in text
-    assert "WORKDIR /home/ray/biglearn" in text and "pip install --no-cache-dir -e ." in text
+    assert "WORKDIR /home/ray/biglearn" in text and 'pip install --no-cache-dir -e ".[train,serve,s3]"' in text
 
 
 # --- metrics -----------------------------------------------------------------------------------
+
 
 def test_prometheus_scrapes_ray_nodes_on_vms_and_kubernetes():
     config = yaml.safe_load((CLUSTER / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
-    keep = {tuple(r["source_labels"]): r["regex"] for r in jobs["ray-kuberay"]["relabel_configs"] if r.get("action") == "keep"}
-    assert keep == {("__meta_kubernetes_pod_label_ray_io_is_ray_node",): "yes",
-                    ("__meta_kubernetes_pod_container_port_name",): "metrics"}
+    keep = {
+        tuple(r["source_labels"]): r["regex"]
+        for r in jobs["ray-kuberay"]["relabel_configs"]
+        if r.get("action") == "keep"
+    }
+    assert keep == {
+        ("__meta_kubernetes_pod_label_ray_io_is_ray_node",): "yes",
+        ("__meta_kubernetes_pod_container_port_name",): "metrics",
+    }
 
 
 def exported_metrics() -> set[str]:
     """Prometheus sample names of the metrics our code defines (Ray adds `ray_`; counters get
     `_total`, histograms `_bucket`/`_sum`/`_count`)."""
     names = set()
-    for call in ast.walk(ast.parse((REPO / "serve" / "app.py").read_text())):
+    for call in ast.walk(ast.parse((REPO / "biglearn" / "serve" / "app.py").read_text())):
         if isinstance(call, ast.Call) and getattr(call.func, "id", "") in {"Counter", "Gauge", "Histogram"}:
             base, kind = "ray_" + call.args[0].value, call.func.id
-            names |= {f"{base}_total"} if kind == "Counter" else {base} if kind == "Gauge" else {
-                f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+            names |= (
+                {f"{base}_total"}
+                if kind == "Counter"
+                else {base}
+                if kind == "Gauge"
+                else {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+            )
     progress = ast.parse((REPO / "biglearn" / "train" / "progress.py").read_text())
-    (train_metrics,) = [n.value for n in progress.body if isinstance(n, ast.Assign) and n.targets[0].id == "TRAIN_METRICS"]
+    (train_metrics,) = [
+        n.value for n in progress.body if isinstance(n, ast.Assign) and n.targets[0].id == "TRAIN_METRICS"
+    ]
     names |= {"ray_" + key.value for key in train_metrics.keys}  # gauges
     return names
 
@@ -189,8 +225,9 @@ def dashboard_metrics(path: Path) -> set[str]:
     return {name for query in queries for name in re.findall(r"\bray_[a-z0-9_]+", query)}
 
 
-@pytest.mark.parametrize("name, family", [("biglearn-training.json", "ray_biglearn_train_"),
-                                          ("biglearn-serving.json", "ray_biglearn_")])
+@pytest.mark.parametrize(
+    "name, family", [("biglearn-training.json", "ray_biglearn_train_"), ("biglearn-serving.json", "ray_biglearn_")]
+)
 def test_dashboards_query_only_exported_metrics(name, family):
     queried = dashboard_metrics(CLUSTER / "grafana" / name)
     unknown = queried - exported_metrics() - RAY_SERVE_METRICS

@@ -92,7 +92,7 @@ def test_wrong_value_type_names_the_key_and_the_value():
 
 
 def test_yaml_file_problems(tmp_path):
-    assert "does not exist" in error_of(path=tmp_path / "missing.yaml")
+    assert "neither a file nor a packaged recipe" in error_of(path=tmp_path / "missing.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [unclosed\n")
     assert "not valid YAML" in error_of(path=broken)
@@ -150,8 +150,13 @@ def test_a_process_launched_from_elsewhere_reuses_the_op_make_setup_built(tmp_pa
     env = {key: value for key, value in os.environ.items() if key != "TORCH_EXTENSIONS_DIR"}
     environment_bin = os.path.join(sys.prefix, "bin")
     for path in ("/usr/local/bin:/usr/bin:/bin", f"{environment_bin}:/usr/local/bin:/usr/bin:/bin"):
-        subprocess.run([sys.executable, "-c", "from biglearn.train.engine import build_deepspeed_ops; build_deepspeed_ops()"],
-                       cwd=tmp_path, env={**env, "HOME": str(tmp_path), "PATH": path}, check=True, capture_output=True,
-                       timeout=300)
+        subprocess.run(
+            [sys.executable, "-c", "from biglearn.train.engine import build_deepspeed_ops; build_deepspeed_ops()"],
+            cwd=tmp_path,
+            env={**env, "HOME": str(tmp_path), "PATH": path},
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     assert {path: os.stat(path).st_mtime_ns for path in built} == before
     assert not list(tmp_path.rglob("*.so")), "nothing was built anywhere else either"

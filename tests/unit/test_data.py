@@ -64,8 +64,11 @@ def test_write_source_writes_shards_then_the_manifest(tmp_path, monkeypatch):
     for split in ("train", "validation"):
         back = read_split(str(root), manifest, split, ["values", "label"])
         assert np.array_equal(back["values"], source.columns["values"][back["label"]])  # rows intact
-    assert sorted(np.concatenate([read_split(str(root), manifest, s, ["label"])["label"] for s in ("train", "validation")])
-                  .tolist()) == list(range(29))
+    assert sorted(
+        np.concatenate(
+            [read_split(str(root), manifest, s, ["label"])["label"] for s in ("train", "validation")]
+        ).tolist()
+    ) == list(range(29))
     with pytest.raises(DatasetError, match="no split 'test'"):
         manifest.split("test")
 
@@ -89,8 +92,9 @@ def test_an_interrupted_write_leaves_no_manifest_and_a_rerun_completes_it(tmp_pa
     done_first = list(converted)
 
     converted.clear()
-    monkeypatch.setattr(prepare_module, "write_shard",
-                        lambda *a: (converted.append(f"{a[3]}-{a[4]}"), real_write_shard(*a))[1])
+    monkeypatch.setattr(
+        prepare_module, "write_shard", lambda *a: (converted.append(f"{a[3]}-{a[4]}"), real_write_shard(*a))[1]
+    )
     manifest = write_toy(root)
     assert len(converted) == 2 and not set(converted) & set(done_first)  # only the missing shards
     labels = np.concatenate([read_split(str(root), manifest, s, ["label"])["label"] for s in ("train", "validation")])
@@ -109,8 +113,11 @@ def test_a_committed_dataset_is_kept_unless_overwrite_is_asked(tmp_path):
     assert read_manifest(str(root)) == manifest  # refused: untouched
     replaced = write_toy(root, seed=4, rows_per_shard=20, overwrite=True)
     assert read_manifest(str(root)) == replaced and replaced.plan != manifest.plan
-    assert sorted(p.name for p in root.glob("*.parquet")) == ["train-00000.parquet", "train-00001.parquet",
-                                                              "validation-00000.parquet"]
+    assert sorted(p.name for p in root.glob("*.parquet")) == [
+        "train-00000.parquet",
+        "train-00001.parquet",
+        "validation-00000.parquet",
+    ]
 
 
 def test_read_manifest_refuses_incomplete_missing_and_invalid_datasets(tmp_path):
@@ -200,7 +207,9 @@ def test_a_folder_holding_files_of_others_is_never_written_into(tmp_path):
     (root / "train-00007.parquet").write_bytes(b"someone else's shard")
     (root / "_receipts").mkdir()
     for overwrite in (False, True):
-        with pytest.raises(DatasetError, match=r"holds files that no biglearn conversion wrote \(train-00007.parquet\)"):
+        with pytest.raises(
+            DatasetError, match=r"holds files that no biglearn conversion wrote \(train-00007.parquet\)"
+        ):
             write_toy(root, overwrite=overwrite)
     assert sorted(p.name for p in root.rglob("*")) == ["_receipts", "train-00007.parquet"]
 
@@ -215,7 +224,10 @@ def test_leftovers_of_a_killed_conversion_are_ours_and_cleaned(tmp_path):
     (root / "_receipts").mkdir()
     for split in ("train", "validation"):
         for shard in manifest.split(split):
-            receipt = {"plan": manifest.plan, "shard": None if shard.path == "train-00001.parquet" else shard.model_dump()}
+            receipt = {
+                "plan": manifest.plan,
+                "shard": None if shard.path == "train-00001.parquet" else shard.model_dump(),
+            }
             (root / "_receipts" / f"{shard.path}.json").write_text(json.dumps(receipt))
     (root / "train-00001.parquet").write_bytes(b"half a shard")
     (root / f"validation-00000.parquet.{'ab' * 16}.partial").write_bytes(b"half a write")

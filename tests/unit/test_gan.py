@@ -7,7 +7,18 @@ import pytest
 import torch
 
 from biglearn.export import load_export, write_export
-from biglearn.gan import CHANCE_LOSS, critic_at_chance, critic_loss, draw_noise, fill_targets, flattens, generate, generator_loss, pose_tasks, view
+from biglearn.gan import (
+    CHANCE_LOSS,
+    critic_at_chance,
+    critic_loss,
+    draw_noise,
+    fill_targets,
+    flattens,
+    generate,
+    generator_loss,
+    pose_tasks,
+    view,
+)
 from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
 from biglearn.roles import ABSENT, SOURCE, TARGET, Schedule, sample_roles
 
@@ -19,12 +30,26 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make(critic: bool = False, patch_dim: int = P, grid=GRID, length: int = L, std: float | None = 0.3,
-         summary_width: int = 0, retrieval: int = 0) -> UniversalTransformer:
+def make(
+    critic: bool = False,
+    patch_dim: int = P,
+    grid=GRID,
+    length: int = L,
+    std: float | None = 0.3,
+    summary_width: int = 0,
+    retrieval: int = 0,
+) -> UniversalTransformer:
     """With `retrieval`, a memory of 20 random examples."""
-    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, summary_width=summary_width, retrieval_neighbours=retrieval)
+    cfg = ModelConfig(
+        d_model=32, num_layers=2, num_heads=4, summary_width=summary_width, retrieval_neighbours=retrieval
+    )
     spec = ModelSpec(
-        model=cfg, length=length, patch_dim=patch_dim, grid=grid, noise_dim=0 if critic else Z, critic=critic,
+        model=cfg,
+        length=length,
+        patch_dim=patch_dim,
+        grid=grid,
+        noise_dim=0 if critic else Z,
+        critic=critic,
         memory_rows=20 if retrieval else 0,
     )
     model = UniversalTransformer(spec)
@@ -179,7 +204,9 @@ def test_flattened_transformed_task_is_a_marginal_over_the_tasks_positions():
     t = task.transformed_B
     assert 0 < int(t.sum()) < 40
     assert (task.generator_roles_BL[t] == TARGET).all()  # G draws the whole example jointly
-    assert torch.equal(task.critic_roles_BL[t], torch.tensor([[TARGET, TARGET, ABSENT, TARGET]] * int(t.sum()), dtype=torch.int8))
+    assert torch.equal(
+        task.critic_roles_BL[t], torch.tensor([[TARGET, TARGET, ABSENT, TARGET]] * int(t.sum()), dtype=torch.int8)
+    )
     assert torch.equal(task.generator_roles_BL[~t], roles[~t]) and torch.equal(task.critic_roles_BL[~t], roles[~t])
     plain_generator = gen(11)
     plain = pose_tasks(roles, 1, 0.0, plain_generator)
@@ -220,8 +247,15 @@ def test_continuous_digits_are_patches_of_the_pixels_scaled_to_unit_range():
     assert patches.kind == "continuous" and patches.length == 16 and patches.patch_dim == 4
     values = patches.rows(np.arange(5))["values"]
     assert values.shape == (5, 16, 4) and values.min() >= 0 and values.max() <= 1
-    manifest = Manifest(name="digits", kind="continuous", length=16, patch_dim=4, geometry=patches.geometry,
-                        columns=["values"], splits={})
+    manifest = Manifest(
+        name="digits",
+        kind="continuous",
+        length=16,
+        patch_dim=4,
+        geometry=patches.geometry,
+        columns=["values"],
+        splits={},
+    )
     assert np.allclose(judge_pixels(values, manifest), tokens.rows(np.arange(5))["values"])
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 
 import biglearn.simulate.run as run_module
+from biglearn.cli import simulate as main
 from biglearn.config import ConfigError, validate_config
 from biglearn.simulate.gmm25 import (
     Gmm25Config,
@@ -34,10 +34,8 @@ from biglearn.simulate.mixture import Mixture, paper_modes, quadrature_points
 from biglearn.transforms import haar_orthogonal
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "jobs"))
-from simulate_gmm import main  # noqa: E402
 
-CONFIGS = REPO / "jobs" / "configs"
+CONFIGS = REPO / "biglearn" / "recipes"
 
 F64 = torch.float64
 DATA = Mixture.paper("gmm25")
@@ -129,7 +127,9 @@ def test_conditional_density_is_the_joint_ratio_and_matches_monte_carlo():
 
 
 def test_quadrature_agrees_with_monte_carlo():
-    model = Mixture.equal(torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64), 0.1 * torch.eye(2, dtype=F64).expand(2, 2, 2))
+    model = Mixture.equal(
+        torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=F64), 0.1 * torch.eye(2, dtype=F64).expand(2, 2, 2)
+    )
     data = Mixture.paper("gmm2")
     quad = joint_kl(model, data, 32)
     x, _ = model.sample(200_000, gen(6))
@@ -258,7 +258,10 @@ def test_schedule_validation():
         validate_config(Gmm25Config, {"schedule": [{"until": 1.0}]})
     with pytest.raises(ConfigError, match="seeds repeat"):
         validate_config(Gmm25Config, {"seeds": [1, 1]})
-    cfg = validate_config(Gmm25Config, {"outer_steps": 10, "schedule": [{"until": 0.5, "marginal": 1, "lr": 0.3}, {"until": 1.0, "joint": 1}]})
+    cfg = validate_config(
+        Gmm25Config,
+        {"outer_steps": 10, "schedule": [{"until": 0.5, "marginal": 1, "lr": 0.3}, {"until": 1.0, "joint": 1}]},
+    )
     assert [cfg.step_size(i) for i in (0, 4, 5, 9)] == [0.3, 0.3, 0.1, 0.1]
     assert cfg.phase(5).weights() == [1.0, 0.0, 0.0]
 
@@ -312,7 +315,12 @@ def test_landscape_job_writes_heat_maps(tmp_path):
 
 def test_bad_config_key_exits_2_with_a_clear_message(tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(["--config", str(CONFIGS / "gmm25-published.yaml"), "--set", "gmm25.outer_step=5", "--set", f"output={out}"]) == 2
+    assert (
+        main(
+            ["--config", str(CONFIGS / "gmm25-published.yaml"), "--set", "gmm25.outer_step=5", "--set", f"output={out}"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown key 'gmm25.outer_step'" in err and "outer_steps" in err
     assert main(["--config", str(CONFIGS / "gmm25-published.yaml"), "--set", "landscape.points=9"]) == 2
@@ -331,5 +339,16 @@ def test_an_interrupted_run_leaves_no_results(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_module.figures, "fit_panels", fail)
     with pytest.raises(KeyboardInterrupt):
-        main(["--config", str(CONFIGS / "gmm25-joint.yaml"), "--set", f"output={out}", "--set", "gmm25.outer_steps=2", "--set", "gmm25.seeds=[1]"])
+        main(
+            [
+                "--config",
+                str(CONFIGS / "gmm25-joint.yaml"),
+                "--set",
+                f"output={out}",
+                "--set",
+                "gmm25.outer_steps=2",
+                "--set",
+                "gmm25.seeds=[1]",
+            ]
+        )
     assert not (out / "results.json").exists()

@@ -18,6 +18,8 @@ CORE = [
     "biglearn.export",
     "biglearn.data.table",
     "biglearn.serving",
+    "biglearn.api",
+    "biglearn.cli",
     "biglearn.transforms",
     "biglearn.simulate",
     "biglearn.simulate.modes",

@@ -7,7 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.base import clone
-from sklearn.utils.estimator_checks import check_get_params_invariance, check_no_attributes_set_in_init, check_set_params
+from sklearn.utils.estimator_checks import (
+    check_get_params_invariance,
+    check_no_attributes_set_in_init,
+    check_set_params,
+)
 
 from biglearn.data.manifest import Manifest
 from biglearn.data.table import fit_schema
@@ -17,11 +21,13 @@ from biglearn.tables import Imputer
 
 def frame(rows: int = 40) -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    data = pd.DataFrame({
-        "age": rng.integers(20, 70, rows).astype(float),
-        "city": rng.choice(["Oslo", "Lima"], rows).astype(object),
-        "smoker": rng.random(rows) < 0.3,
-    })
+    data = pd.DataFrame(
+        {
+            "age": rng.integers(20, 70, rows).astype(float),
+            "city": rng.choice(["Oslo", "Lima"], rows).astype(object),
+            "smoker": rng.random(rows) < 0.3,
+        }
+    )
     data.loc[rng.random(rows) < 0.25, "age"] = np.nan
     data.loc[rng.random(rows) < 0.25, "city"] = None
     return data
@@ -29,12 +35,21 @@ def frame(rows: int = 40) -> pd.DataFrame:
 
 def untrained(data: pd.DataFrame, **settings) -> Imputer:
     """An Imputer holding an untrained model of `data`'s table (as `fit` would leave it)."""
-    values = {"age": data["age"].to_numpy(), "city": data["city"].to_numpy(object), "smoker": data["smoker"].to_numpy(object)}
+    values = {
+        "age": data["age"].to_numpy(),
+        "city": data["city"].to_numpy(object),
+        "smoker": data["smoker"].to_numpy(object),
+    }
     schema = fit_schema(values, {"age": "numeric", "city": "categorical", "smoker": "boolean"}, np.arange(len(data)), 4)
-    spec = ModelSpec(model=ModelConfig(d_model=16, num_layers=1, num_heads=2), length=3, vocab_size=schema.vocab_size,
-                     position_vocab=schema.position_vocab)
-    manifest = Manifest(name="t", kind="discrete", length=3, vocab_size=schema.vocab_size, columns=["values"],
-                        splits={}, table=schema)
+    spec = ModelSpec(
+        model=ModelConfig(d_model=16, num_layers=1, num_heads=2),
+        length=3,
+        vocab_size=schema.vocab_size,
+        position_vocab=schema.position_vocab,
+    )
+    manifest = Manifest(
+        name="t", kind="discrete", length=3, vocab_size=schema.vocab_size, columns=["values"], splits={}, table=schema
+    )
     imputer = Imputer(**settings)
     imputer._adopt(UniversalTransformer(spec), manifest, list(data.columns))
     return imputer
@@ -54,7 +69,11 @@ def test_transform_fills_missing_cells_only_and_keeps_the_input_type(tmp_path):
     data = frame()
     imputer = untrained(data)
     filled = imputer.transform(data)
-    assert isinstance(filled, pd.DataFrame) and list(filled.columns) == list(data.columns) and (filled.index == data.index).all()
+    assert (
+        isinstance(filled, pd.DataFrame)
+        and list(filled.columns) == list(data.columns)
+        and (filled.index == data.index).all()
+    )
     assert not filled.isna().any().any()
     observed = data.notna()
     for name in data.columns:
@@ -73,13 +92,24 @@ def test_transform_fills_missing_cells_only_and_keeps_the_input_type(tmp_path):
     assert again.transform(data).equals(filled)  # same weights, same answer
 
 
-
-@pytest.mark.parametrize("change, expected", [
-    (lambda d: d.assign(age=d["age"].astype(object).where(d.index != 3, "forty")), "column 'age', row 3: 'forty' is not a number"),
-    (lambda d: d.assign(city=d["city"].where(d.index != 5, "Pune")), "column 'city', row 5: 'Pune' is not one of its categories"),
-    (lambda d: d[["city", "age", "smoker"]], r"X has columns \['city', 'age', 'smoker'\]; the imputer was fitted on \['age', 'city', 'smoker'\]"),
-    (lambda d: d.drop(columns=["smoker"]), r"X has columns \['age', 'city'\]"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            lambda d: d.assign(age=d["age"].astype(object).where(d.index != 3, "forty")),
+            "column 'age', row 3: 'forty' is not a number",
+        ),
+        (
+            lambda d: d.assign(city=d["city"].where(d.index != 5, "Pune")),
+            "column 'city', row 5: 'Pune' is not one of its categories",
+        ),
+        (
+            lambda d: d[["city", "age", "smoker"]],
+            r"X has columns \['city', 'age', 'smoker'\]; the imputer was fitted on \['age', 'city', 'smoker'\]",
+        ),
+        (lambda d: d.drop(columns=["smoker"]), r"X has columns \['age', 'city'\]"),
+    ],
+)
 def test_bad_input_is_named(change, expected):
     data = frame()
     imputer = untrained(data)

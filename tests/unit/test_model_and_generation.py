@@ -17,12 +17,19 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_model(drop_absent: bool = True, std: float = 0.3, length: int = LEN, summary_width: int = 0,
-               retrieval: int = 0) -> UniversalTransformer:
+def make_model(
+    drop_absent: bool = True, std: float = 0.3, length: int = LEN, summary_width: int = 0, retrieval: int = 0
+) -> UniversalTransformer:
     """A tiny model whose weights are redrawn with a larger spread, so that context matters; with
     `retrieval`, a memory of 30 random rows."""
-    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, drop_absent=drop_absent, summary_width=summary_width,
-                      retrieval_neighbours=retrieval)
+    cfg = ModelConfig(
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        drop_absent=drop_absent,
+        summary_width=summary_width,
+        retrieval_neighbours=retrieval,
+    )
     rows = 30 if retrieval else 0
     model = UniversalTransformer(ModelSpec(model=cfg, length=length, vocab_size=V, memory_rows=rows)).eval()
     g = gen(1234)
@@ -43,7 +50,9 @@ def random_task(batch: int = 6, seed: int = 0):
     return values, roles
 
 
-@pytest.mark.parametrize("drop_absent, summary_width, retrieval", [(True, 0, 0), (False, 0, 0), (True, 16, 0), (True, 0, 3)])
+@pytest.mark.parametrize(
+    "drop_absent, summary_width, retrieval", [(True, 0, 0), (False, 0, 0), (True, 16, 0), (True, 0, 3)]
+)
 def test_model_never_sees_values_at_targets_or_absent_positions(drop_absent, summary_width, retrieval):
     model = make_model(drop_absent, summary_width=summary_width, retrieval=retrieval)
     values, roles = random_task()
@@ -202,8 +211,9 @@ def test_guidance_samples_the_sharpened_conditional():
     roles[:, 0] = SOURCE
     values = torch.ones(rows, LEN, dtype=torch.long)
     model = CueModel()
-    share_of_ones = {w: complete(model, values, roles, gen(0), steps=1, guidance=w)[:, 1:].float().mean().item()
-                     for w in (0.0, 3.0)}
+    share_of_ones = {
+        w: complete(model, values, roles, gen(0), steps=1, guidance=w)[:, 1:].float().mean().item() for w in (0.0, 3.0)
+    }
     # p(1) under guidance 3: 0.6 * 1.2^3 / (0.6 * 1.2^3 + 0.4 * 0.8^3) = 0.835
     assert share_of_ones[0.0] == pytest.approx(0.6, abs=0.01)
     assert share_of_ones[3.0] == pytest.approx(0.835, abs=0.01)
@@ -251,7 +261,9 @@ def test_decoding_nll_single_step_equals_the_target_nll():
         assert torch.equal(multi, decoding_nll(model, values, roles, gen(0), steps=steps))
     # the values at absent positions do not matter
     other = torch.where(roles == ABSENT, (values + 2) % V, values)
-    assert torch.allclose(decoding_nll(model, other, roles, gen(0), steps=3), decoding_nll(model, values, roles, gen(0), steps=3))
+    assert torch.allclose(
+        decoding_nll(model, other, roles, gen(0), steps=3), decoding_nll(model, values, roles, gen(0), steps=3)
+    )
 
 
 def test_decoding_nll_two_steps_is_the_chain_rule_along_a_random_order():

@@ -115,10 +115,16 @@ def test_joint_samples_that_share_their_neighbours_are_caught_and_the_default_de
 
 
 def test_rows_with_different_sources_get_different_neighbours_when_the_memory_ties():
-    spec = ModelSpec(model=ModelConfig(d_model=16, num_layers=1, num_heads=2, retrieval_neighbours=3), length=16,
-                     vocab_size=5, memory_rows=200)
+    spec = ModelSpec(
+        model=ModelConfig(d_model=16, num_layers=1, num_heads=2, retrieval_neighbours=3),
+        length=16,
+        vocab_size=5,
+        memory_rows=200,
+    )
     memory = NeighbourMemory(spec, 3).eval()
-    memory.remember(torch.randint(1, 5, (200, 16), generator=torch.Generator().manual_seed(0)).index_fill(1, torch.arange(8), 0))
+    memory.remember(
+        torch.randint(1, 5, (200, 16), generator=torch.Generator().manual_seed(0)).index_fill(1, torch.arange(8), 0)
+    )
     # Eight rows whose sources (different positions among the first 8, all 0) tie with every memory row.
     roles = torch.full((8, 16), TARGET, dtype=torch.int8)
     for row in range(8):

@@ -87,8 +87,11 @@ def test_family_frequencies_match_the_schedule_weights():
         assert abs(counts[index].item() - expected) <= 5 * sigma + 1, (family, counts.tolist(), p.tolist())
 
     zero = Schedule(
-        families={Family.prefix: FamilySpec(weight=3.0), Family.span: FamilySpec(weight=1.0),
-                  Family.joint: FamilySpec(weight=0.0)}
+        families={
+            Family.prefix: FamilySpec(weight=3.0),
+            Family.span: FamilySpec(weight=1.0),
+            Family.joint: FamilySpec(weight=0.0),
+        }
     )
     _, fams = sample_roles(zero, n, L, gen(8))
     counts = torch.bincount(fams, minlength=len(FAMILIES))
@@ -160,8 +163,10 @@ def test_half_structure(grid):
     r = torch.arange(rows).repeat_interleave(cols)
     c = torch.arange(cols).repeat(rows)
     halves = {
-        "top": r < rows // 2, "bottom": r >= rows - rows // 2,
-        "left": c < cols // 2, "right": c >= cols - cols // 2,
+        "top": r < rows // 2,
+        "bottom": r >= rows - rows // 2,
+        "left": c < cols // 2,
+        "right": c >= cols - cols // 2,
     }
     seen = set()
     for row in roles:

@@ -15,7 +15,6 @@ from PIL import Image
 from pydantic import ValidationError
 
 from biglearn.config import ConfigError, validate_config
-from biglearn.data.table import fit_schema
 from biglearn.export import write_export
 from biglearn.generation import complete
 from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
@@ -31,28 +30,9 @@ from biglearn.serving import (
     parse_request,
     respond,
 )
+from tests.unit.conftest import H, L, V, W
 
-H, W, V = 4, 4, 5
-L = H * W
 CFG = ServingConfig(limits={"max_num_samples": 8, "max_steps": 8}, decoding={"steps": 4})
-
-
-@pytest.fixture(scope="module")
-def export_folder(tmp_path_factory):
-    """A token model that retrieves (as the digits recipes do) from a memory of 12 random rows."""
-    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, retrieval_neighbours=3)
-    spec = ModelSpec(model=cfg, length=L, vocab_size=V, grid=(H, W), memory_rows=12)
-    model = UniversalTransformer(spec)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a larger spread than the init, so that the context matters
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.memory.remember(torch.randint(0, V, (12, L), generator=g))
-    folder = tmp_path_factory.mktemp("export")
-    manifest = {"name": "toy", "kind": "discrete", "length": L, "vocab_size": V, "geometry": {"height": H, "width": W}}
-    write_export(folder, model.state_dict(), spec, manifest, {"run": {"name": "toy"}, "seed": 1})
-    (folder / "panel.json").write_text(json.dumps({"panel_nll": {"joint": 1.5}}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +61,13 @@ def test_card_describes_the_export(served, tmp_path):
     assert served.problem is None
     # the hash is of the content, not of the file's formatting
     other = tmp_path / "other"
-    write_export(other, served.model.state_dict(), served.spec, {"name": "toy", "kind": "discrete"}, {"seed": 1, "run": {"name": "toy"}})
+    write_export(
+        other,
+        served.model.state_dict(),
+        served.spec,
+        {"name": "toy", "kind": "discrete"},
+        {"seed": 1, "run": {"name": "toy"}},
+    )
     assert ExportedModel(other).card.config_sha256 == card.config_sha256
     write_export(other, served.model.state_dict(), served.spec, {"name": "toy", "kind": "discrete"}, {"seed": 2})
     assert ExportedModel(other).card.config_sha256 != card.config_sha256
@@ -89,7 +75,10 @@ def test_card_describes_the_export(served, tmp_path):
 
 
 def test_export_with_broken_weights_is_flagged(served, tmp_path):
-    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in served.model.state_dict().items()}
+    state = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in served.model.state_dict().items()
+    }
     write_export(tmp_path, state, served.spec, {"name": "toy", "kind": "discrete"}, {})
     assert "not finite" in ExportedModel(tmp_path).problem
 
@@ -274,7 +263,9 @@ def test_per_row_generators_make_rows_independent_of_each_other(served):
         gens = lambda: [torch.Generator().manual_seed(40 + b) for b in range(6)]  # noqa: E731
         batch = complete(served.model, values_BL, roles_BL, gens(), steps=3, order=order)
         for b in range(6):
-            alone = complete(served.model, values_BL[b : b + 1], roles_BL[b : b + 1], gens()[b : b + 1], steps=3, order=order)
+            alone = complete(
+                served.model, values_BL[b : b + 1], roles_BL[b : b + 1], gens()[b : b + 1], steps=3, order=order
+            )
             assert torch.equal(alone[0], batch[b])
         # and the noise matters: other seeds give other samples
         assert not torch.equal(batch, complete(served.model, values_BL, roles_BL, gens()[::-1], steps=3, order=order))
@@ -328,7 +319,12 @@ def served_generator(tmp_path_factory) -> ExportedModel:
 
 def test_generator_samples_keep_patches_fill_targets_and_do_not_depend_on_their_batch(served_generator):
     served = served_generator
-    assert (served.card.kind, served.card.patch_dim, served.card.vocab_size, served.card.png) == ("continuous", GP, None, False)
+    assert (served.card.kind, served.card.patch_dim, served.card.vocab_size, served.card.png) == (
+        "continuous",
+        GP,
+        None,
+        False,
+    )
     assert served.problem is None
     given = {0: [0.25, -1.0], 3: [2, 0.5]}  # an int inside a patch is a number like any other
     tasks = [
@@ -340,7 +336,9 @@ def test_generator_samples_keep_patches_fill_targets_and_do_not_depend_on_their_
     together = complete_tasks(served.model, tasks, served.device)
     first = together[0]
     assert first.shape == (3, GL, GP)
-    assert torch.equal(first[:, [0, 3]], torch.tensor([[0.25, -1.0], [2.0, 0.5]]).expand(3, -1, -1)), "sources unchanged"
+    assert torch.equal(first[:, [0, 3]], torch.tensor([[0.25, -1.0], [2.0, 0.5]]).expand(3, -1, -1)), (
+        "sources unchanged"
+    )
     assert torch.isfinite(first).all() and len({tuple(row.flatten().tolist()) for row in first}) == 3
     assert (together[1][0, [2, 3, 5]] == 0).all(), "absent positions stay 0"
     for t, batched in zip(tasks, together):
@@ -383,7 +381,9 @@ def test_bad_generator_requests_say_what_to_fix(served_generator, fields, messag
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("body", ['{"values": {"0": [1, NaN]}}', '{"values": {"0": Infinity}}', '{"values": {"0": [1, "2"]}}'])
+@pytest.mark.parametrize(
+    "body", ['{"values": {"0": [1, NaN]}}', '{"values": {"0": Infinity}}', '{"values": {"0": [1, "2"]}}']
+)
 def test_schema_refuses_non_finite_or_non_numeric_patches(body):
     with pytest.raises(ValidationError):
         CompleteRequest.model_validate_json(body)
@@ -393,21 +393,8 @@ def test_schema_refuses_non_finite_or_non_numeric_patches(body):
 
 
 @pytest.fixture(scope="module")
-def table_model(tmp_path_factory) -> ExportedModel:
-    """An untrained model of a table with an integer, a real, a categorical and a boolean column."""
-    rng = np.random.default_rng(0)
-    table = {"age": rng.integers(18, 90, 200).astype(float), "income": rng.lognormal(10, 1, 200),
-             "city": rng.choice(np.array(["Lima", "Oslo", "Pune"], dtype=object), 200),
-             "smoker": (rng.random(200) < 0.3).astype(object)}
-    kinds = {"age": "numeric", "income": "numeric", "city": "categorical", "smoker": "boolean"}
-    schema = fit_schema(table, kinds, np.arange(200), bins=6)
-    spec = ModelSpec(model=ModelConfig(d_model=16, num_layers=1, num_heads=2), length=4, vocab_size=schema.vocab_size,
-                     position_vocab=schema.position_vocab)
-    manifest = {"name": "people", "kind": "discrete", "length": 4, "vocab_size": schema.vocab_size,
-                "table": schema.model_dump(mode="json")}
-    folder = tmp_path_factory.mktemp("table-export")
-    write_export(folder, UniversalTransformer(spec).state_dict(), spec, manifest, {})
-    return ExportedModel(folder)
+def table_model(table_export_folder) -> ExportedModel:
+    return ExportedModel(table_export_folder)
 
 
 def table_answer(served: ExportedModel, body: dict) -> dict:
@@ -422,8 +409,10 @@ def test_a_table_model_lists_its_columns_and_answers_by_column_name(table_model)
     assert columns["city"].categories == ["Lima", "Oslo", "Pune"] and columns["age"].integer
     assert 18 <= columns["age"].minimum < columns["age"].maximum <= 89 and columns["smoker"].categories is None
 
-    answer = table_answer(table_model, {"values": {"age": 42, "city": "Oslo"}, "target": ["income", "smoker"],
-                                        "num_samples": 6, "seed": 3})
+    answer = table_answer(
+        table_model,
+        {"values": {"age": 42, "city": "Oslo"}, "target": ["income", "smoker"], "num_samples": 6, "seed": 3},
+    )
     assert len(answer["samples"]) == 6 and set(answer["estimate"]) == {"income", "smoker"}
     incomes = [sample["values"]["income"] for sample in answer["samples"]]
     for sample in answer["samples"]:
@@ -436,21 +425,33 @@ def test_a_table_model_lists_its_columns_and_answers_by_column_name(table_model)
     assert answer["estimate"]["smoker"] in (True, False)
 
     joint = table_answer(table_model, {"target": "rest", "num_samples": 2})  # no values: a synthetic row
-    assert all(isinstance(s["values"]["age"], int) and s["values"]["city"] in columns["city"].categories
-               for s in joint["samples"])
-    assert table_answer(table_model, {"values": {"age": 42.5, "smoker": None}, "num_samples": 2, "seed": 1})["samples"][0][
-        "values"]["age"] == 42.5  # a given value comes back as given; null = unknown, so smoker is a target
+    assert all(
+        isinstance(s["values"]["age"], int) and s["values"]["city"] in columns["city"].categories
+        for s in joint["samples"]
+    )
+    assert (
+        table_answer(table_model, {"values": {"age": 42.5, "smoker": None}, "num_samples": 2, "seed": 1})["samples"][0][
+            "values"
+        ]["age"]
+        == 42.5
+    )  # a given value comes back as given; null = unknown, so smoker is a target
 
 
 @pytest.mark.parametrize(
     "body, message",
     [
-        ({"values": {"height": 1.8}}, "values names column(s) ['height'] that this model does not have; its columns are"),
+        (
+            {"values": {"height": 1.8}},
+            "values names column(s) ['height'] that this model does not have; its columns are",
+        ),
         ({"values": {"age": 42}, "target": ["weight"]}, "target names column(s) ['weight']"),
         ({"values": {"age": "old"}}, "values['age'] = \"old\": column 'age' is numeric; send a number"),
         ({"values": {"age": True}}, "column 'age' is numeric"),
         ({"values": {"smoker": 1}}, "column 'smoker' is boolean; send true or false"),
-        ({"values": {"city": "Rome"}}, "values['city'] = \"Rome\": not a category of column 'city'; it has Lima, Oslo, Pune"),
+        (
+            {"values": {"city": "Rome"}},
+            "values['city'] = \"Rome\": not a category of column 'city'; it has Lima, Oslo, Pune",
+        ),
         ({"values": {"city": 2.5}}, "column 'city' is categorical"),
         ({"values": {"age": 42}, "target": ["age", "city"]}, "column(s) ['age'] are both given and targets"),
         ({"values": {"age": 42}, "target": ["city", "city"]}, "target lists a column more than once"),

@@ -22,7 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
     """The IDX layout: 0x00 0x00, type 0x08 (ubyte), ndim, big-endian int32 sizes, then the data."""
-    data = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape) + array.astype(np.uint8).tobytes()
+    data = (
+        bytes([0, 0, 0x08, array.ndim])
+        + struct.pack(f">{array.ndim}i", *array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
     if gz:
         path = path.with_name(path.name + ".gz")
         path.write_bytes(gzip.compress(data))
@@ -40,7 +44,7 @@ def prepare(tmp_path: Path, source: dict, **options):
 
 def by_label(data: dict) -> dict[int, np.ndarray]:
     """Rows keyed by their label column, whichever split they landed in."""
-    return {int(l): v for split in data.values() for l, v in zip(split["label"], split["values"])}
+    return {int(label): v for split in data.values() for label, v in zip(split["label"], split["values"])}
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -60,8 +64,13 @@ def test_idx_images_become_quantised_tokens_with_labels(tmp_path, gz):
 def test_idx_images_become_continuous_patches(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (10, 8, 12), dtype=np.uint8)
     labels = write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(10))
-    source = {"kind": "idx", "images": str(write_idx(tmp_path / "train-images-idx3-ubyte", images)),
-              "labels": str(labels), "encoding": "patches", "patch": 4}
+    source = {
+        "kind": "idx",
+        "images": str(write_idx(tmp_path / "train-images-idx3-ubyte", images)),
+        "labels": str(labels),
+        "encoding": "patches",
+        "patch": 4,
+    }
     manifest, data = prepare(tmp_path, source)
     assert (manifest.kind, manifest.length, manifest.patch_dim, manifest.grid) == ("continuous", 6, 16, (2, 3))
     for label, patches in by_label(data).items():
@@ -109,8 +118,14 @@ def celeba_attributes(path: Path, names: list[str]) -> Path:
 def test_an_image_folder_with_celeba_attributes_becomes_patches(tmp_path):
     names = make_faces(tmp_path / "faces")
     attrs = celeba_attributes(tmp_path / "list_attr_celeba.txt", names)
-    source = {"kind": "images", "folder": str(tmp_path / "faces"), "resolution": 8, "encoding": "patches",
-              "patch": 4, "attributes": str(attrs)}
+    source = {
+        "kind": "images",
+        "folder": str(tmp_path / "faces"),
+        "resolution": 8,
+        "encoding": "patches",
+        "patch": 4,
+        "attributes": str(attrs),
+    }
     manifest, data = prepare(tmp_path, source, validation_fraction=0.25)
     assert (manifest.length, manifest.patch_dim, manifest.geometry.channels) == (4, 48, 3)
     assert manifest.columns == ["values", "Smiling", "Young"]
@@ -152,8 +167,16 @@ def test_bad_image_folders_get_clear_errors(tmp_path):
     names = make_faces(tmp_path / "faces", count=4)
     attrs = celeba_attributes(tmp_path / "attrs.txt", names[:3])
     with pytest.raises(DatasetError, match=r"no attributes for 1 image\(s\)"):
-        prepare(tmp_path, {"kind": "images", "folder": str(tmp_path / "faces"), "attributes": str(attrs),
-                           "encoding": "patches", "patch": 5})
+        prepare(
+            tmp_path,
+            {
+                "kind": "images",
+                "folder": str(tmp_path / "faces"),
+                "attributes": str(attrs),
+                "encoding": "patches",
+                "patch": 5,
+            },
+        )
 
 
 def test_text_becomes_byte_windows(tmp_path):
@@ -162,14 +185,19 @@ def test_text_becomes_byte_windows(tmp_path):
     texts = ["héllo wörld, " * 7, "short", "big cooperative learning " * 3]
     for i, text in enumerate(texts):
         (corpus / f"{i}.txt").write_text(text, encoding="utf-8")
-    manifest, data = prepare(tmp_path, {"kind": "text", "files": str(corpus), "length": 16, "stride": 8},
-                             validation_fraction=0)
+    manifest, data = prepare(
+        tmp_path, {"kind": "text", "files": str(corpus), "length": 16, "stride": 8}, validation_fraction=0
+    )
     expected = set()
     for text in texts:
         raw = text.encode()
         expected |= {raw[s : s + 16] for s in range(0, len(raw) - 16 + 1, 8)}
     got = [bytes(row.astype(np.uint8)) for row in data["train"]["values"]]
-    assert len(got) == manifest.rows("train") == sum((len(t.encode()) - 16) // 8 + 1 for t in texts if len(t.encode()) >= 16)
+    assert (
+        len(got)
+        == manifest.rows("train")
+        == sum((len(t.encode()) - 16) // 8 + 1 for t in texts if len(t.encode()) >= 16)
+    )
     assert set(got) == expected and manifest.vocab_size == 256
 
     (corpus / "latin1.txt").write_bytes("caf\xe9 au lait, encore".encode("latin-1"))
@@ -190,11 +218,17 @@ def test_gaussian_mixtures_sample_the_papers_modes():
 
 def test_parallel_conversion_writes_the_same_dataset(tmp_path):
     names = make_faces(tmp_path / "faces", count=20)
-    source = {"kind": "images", "folder": str(tmp_path / "faces"), "encoding": "patches", "patch": 5,
-              "attributes": str(celeba_attributes(tmp_path / "a.txt", names))}
+    source = {
+        "kind": "images",
+        "folder": str(tmp_path / "faces"),
+        "encoding": "patches",
+        "patch": 5,
+        "attributes": str(celeba_attributes(tmp_path / "a.txt", names)),
+    }
     serial, _ = prepare(tmp_path / "serial", source, rows_per_shard=4)
-    cfg = PrepareConfig.model_validate({"source": source, "output": str(tmp_path / "parallel"), "workers": 2,
-                                        "rows_per_shard": 4})
+    cfg = PrepareConfig.model_validate(
+        {"source": source, "output": str(tmp_path / "parallel"), "workers": 2, "rows_per_shard": 4}
+    )
     assert prepare_dataset(cfg) == serial  # same shards, same sha256, whatever process wrote them
 
 
@@ -208,8 +242,18 @@ def test_a_killed_parallel_conversion_leaves_no_processes_and_a_rerun_completes_
     import psutil
 
     output = tmp_path / "digits"
-    job = [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--set", "source.kind=digits",
-           "--set", f"output={output}", "--set", "workers=2", "--set", "rows_per_shard=20"]
+    job = [
+        sys.executable,
+        str(REPO / "jobs" / "prepare_data.py"),
+        "--set",
+        "source.kind=digits",
+        "--set",
+        f"output={output}",
+        "--set",
+        "workers=2",
+        "--set",
+        "rows_per_shard=20",
+    ]
     parent = subprocess.Popen(job, stdout=subprocess.PIPE, text=True)
     while "rows/s" not in (line := parent.stdout.readline()):  # a shard written
         assert line, "the conversion ended before writing a shard"

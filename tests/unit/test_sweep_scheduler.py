@@ -8,14 +8,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
-
 from ray.tune.schedulers import TrialScheduler
 
 from biglearn.tune.results import ranked
 from biglearn.tune.sweep import ResumableASHA
 
 
-def restored_trial(folder: Path, trial_id: str, objectives: list[float], cut_last_line: bool = False) -> SimpleNamespace:
+def restored_trial(
+    folder: Path, trial_id: str, objectives: list[float], cut_last_line: bool = False
+) -> SimpleNamespace:
     folder.mkdir(parents=True)
     lines = [json.dumps({"training_iteration": i + 1, "panel_mean": value}) for i, value in enumerate(objectives)]
     text = "\n".join(lines) + "\n"

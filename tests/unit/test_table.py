@@ -82,9 +82,13 @@ def test_a_constant_column_is_one_zero_width_bin_and_comes_back_exactly():
 def write_csv(path: Path, rows: int = 120) -> Path:
     rng = np.random.default_rng(0)
     lines = ["age,city,smoker,score"]
-    for row in range(rows):
-        cells = [str(int(rng.integers(18, 90))), rng.choice(["Oslo", "Lima", "Pune"]), rng.choice(["true", "false"]),
-                 f"{rng.normal():.3f}"]
+    for _ in range(rows):
+        cells = [
+            str(int(rng.integers(18, 90))),
+            rng.choice(["Oslo", "Lima", "Pune"]),
+            rng.choice(["true", "false"]),
+            f"{rng.normal():.3f}",
+        ]
         cells = [("NA" if rng.random() < 0.5 else "") if rng.random() < 0.3 else cell for cell in cells]
         lines.append(",".join(cells))
     lines.append(",,,")  # a row with no value: dropped
@@ -94,16 +98,31 @@ def write_csv(path: Path, rows: int = 120) -> Path:
 
 def prepare(tmp_path: Path, files: str, **source) -> tuple[str, object]:
     output = str(tmp_path / "dataset")
-    cfg = PrepareConfig.model_validate({"source": {"kind": "table", "files": files, "bins": 6, **source},
-                                        "output": output, "rows_per_shard": 50, "validation_fraction": 0.2})
+    cfg = PrepareConfig.model_validate(
+        {
+            "source": {"kind": "table", "files": files, "bins": 6, **source},
+            "output": output,
+            "rows_per_shard": 50,
+            "validation_fraction": 0.2,
+        }
+    )
     return output, prepare_dataset(cfg)
 
 
 def test_a_csv_with_missing_cells_becomes_a_verified_table_dataset(tmp_path):
     output, manifest = prepare(tmp_path, str(write_csv(tmp_path / "people.csv")))
-    assert manifest.length == 4 and manifest.kind == "discrete" and manifest.rows("train") + manifest.rows("validation") == 120
+    assert (
+        manifest.length == 4
+        and manifest.kind == "discrete"
+        and manifest.rows("train") + manifest.rows("validation") == 120
+    )
     columns = {column.name: column for column in manifest.table.columns}
-    assert [columns[name].type for name in ("age", "city", "smoker", "score")] == ["numeric", "categorical", "boolean", "numeric"]
+    assert [columns[name].type for name in ("age", "city", "smoker", "score")] == [
+        "numeric",
+        "categorical",
+        "boolean",
+        "numeric",
+    ]
     assert columns["city"].categories == ["Lima", "Oslo", "Pune"] and columns["age"].integer
     assert manifest.vocab_size == manifest.table.vocab_size
     verify_shards(output, manifest, ["train", "validation"])
@@ -139,7 +158,9 @@ def test_tsv_parquet_folders_selection_and_categorical_codes(tmp_path):
 
 def test_missing_cells_are_never_sources_or_targets_and_every_row_keeps_a_target():
     generator = torch.Generator().manual_seed(0)
-    schedule = Schedule(families={"conditional": {"weight": 0.6}, "marginal": {"weight": 0.2}, "joint": {"weight": 0.2}})
+    schedule = Schedule(
+        families={"conditional": {"weight": 0.6}, "marginal": {"weight": 0.2}, "joint": {"weight": 0.2}}
+    )
     roles, _ = sample_roles(schedule, 512, 6, generator)
     observed = torch.rand(512, 6, generator=generator) > 0.6
     observed[0] = False  # nothing observed: nothing to learn
@@ -153,8 +174,9 @@ def test_missing_cells_are_never_sources_or_targets_and_every_row_keeps_a_target
 
 def test_each_position_emits_only_its_own_columns_values():
     ranges = [(0, 3), (3, 4), (4, 9)]
-    spec = ModelSpec(model=ModelConfig(d_model=16, num_layers=1, num_heads=2), length=3, vocab_size=9,
-                     position_vocab=ranges)
+    spec = ModelSpec(
+        model=ModelConfig(d_model=16, num_layers=1, num_heads=2), length=3, vocab_size=9, position_vocab=ranges
+    )
     model = UniversalTransformer(spec).eval()
     values = torch.zeros(64, 3, dtype=torch.long)
     roles = torch.full((64, 3), TARGET, dtype=torch.int8)
@@ -172,8 +194,12 @@ def test_each_position_emits_only_its_own_columns_values():
 
 
 def test_point_estimates_are_the_expected_number_and_the_most_probable_category():
-    schema = fit_schema({"x": np.array([0.0, 1.0, 2.0, 4.0]), "c": np.array(["a", "b", "b", "a"], dtype=object)},
-                        {"x": "numeric", "c": "categorical"}, np.arange(4), 3)
+    schema = fit_schema(
+        {"x": np.array([0.0, 1.0, 2.0, 4.0]), "c": np.array(["a", "b", "b", "a"], dtype=object)},
+        {"x": "numeric", "c": "categorical"},
+        np.arange(4),
+        3,
+    )
     x, c = schema.columns
     probs_NLV = np.full((2, 2, schema.vocab_size), 1e-30)  # other columns' tokens: never read
     probs_NLV[0, 0, x.offset : x.offset + x.size] = [0.5, 0.5, 1e-30]  # bins [0, 1), [1, 2), [2, 4]
@@ -185,6 +211,9 @@ def test_point_estimates_are_the_expected_number_and_the_most_probable_category(
     assert np.allclose(estimate["x"], [0.5 * 0 + 0.5 * 1, 3.0]) and list(estimate["c"]) == ["b", "a"]
     real = schema.model_copy(update={"columns": [x.model_copy(update={"integer": False}), c]})
     assert np.allclose(expected_cells(real, np.log(probs_NLV))["x"], [0.5 * 0.5 + 0.5 * 1.5, 3.0])
-    drawn = decode(schema, np.repeat(np.array([[x.offset, c.offset], [x.offset + 1, c.offset], [x.offset + 2, c.offset]]), 200, 0),
-                   np.random.default_rng(0))["x"]
+    drawn = decode(
+        schema,
+        np.repeat(np.array([[x.offset, c.offset], [x.offset + 1, c.offset], [x.offset + 2, c.offset]]), 200, 0),
+        np.random.default_rng(0),
+    )["x"]
     assert set(drawn[:200]) == {0} and set(drawn[200:400]) == {1} and set(drawn[400:]) == {2, 3, 4}

@@ -1,7 +1,7 @@
 """The Ray Serve application: a FastAPI ingress over one export, with batching across callers.
 
-    python jobs/serve_model.py --export runs/digits-quick/export        # local Ray + metrics port
-    serve deploy serve/config.yaml                                # onto a running cluster
+    biglearn serve --export runs/digits-quick/export       # local Ray + metrics port
+    serve deploy biglearn/serve/config.yaml                # onto a running cluster (set args.export)
 
 Routes (OpenAPI at /docs): POST /v1/complete, GET /v1/model, GET /v1/health. Request checks,
 batching and PNG handling live in biglearn.serving; this file wires them to Serve and metrics.
@@ -11,6 +11,7 @@ batching and PNG handling live in biglearn.serving; this file wires them to Serv
 # resolve its annotations (Request, the schemas) in the replica.
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,8 @@ from biglearn.serving import (
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 ROUTES = ("/v1/complete", "/v1/model", "/v1/health")
 # Defined once: Ray drops a histogram registered with different buckets by different processes.
-LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+LATENCY_BUCKETS_MS = [1.0, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+BATCH_BUCKETS = [1.0, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
 # --- metrics --------------------------------------------------------------------------------
 
@@ -53,7 +54,9 @@ class Metrics:
 
     def __init__(self):
         self.requests = Counter(
-            "biglearn_requests", description="HTTP requests by route and status", tag_keys=("route", "status")
+            "biglearn_requests",
+            description="HTTP requests by route and status",
+            tag_keys=("route", "status"),  # pyright: ignore[reportArgumentType]  (Ray's stub says Tuple[str])
         )
         self.latency_ms = Histogram(
             "biglearn_request_latency_ms",
@@ -175,8 +178,9 @@ class Completer:
         self.load_seconds = time.perf_counter() - started
         # One model call at a time: batching, not threads, is how a replica serves many callers.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self._batched.set_max_batch_size(self.cfg.batching.max_batch_rows)
-        self._batched.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+        # serve.batch's wrapper has these setters; its type stub does not say so.
+        self._batched.set_max_batch_size(self.cfg.batching.max_batch_rows)  # pyright: ignore[reportAttributeAccessIssue]
+        self._batched.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
 
     def check_health(self):
         if getattr(self, "served", None) is None:
@@ -224,21 +228,38 @@ class Completer:
         self.metrics.batch_rows.observe(_rows(tasks))
         self.metrics.batch_requests.observe(len(tasks))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._model_thread, complete_tasks, self.served.model, tasks, self.served.device)
+        return await loop.run_in_executor(
+            self._model_thread, complete_tasks, self.served.model, tasks, self.served.device
+        )
 
 
 # --- building the application ------------------------------------------------------------------
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder (`import_path: serve.app:build_app`); args = {export, settings}."""
+    """Serve application builder (`import_path: biglearn.serve.app:build_app`); args = {export, settings}."""
     return _bind(args, {})
+
+
+def resolved_serve_config(
+    path: str | Path = DEFAULT_CONFIG, export: str | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The Serve config file at `path` with `export` and the settings `overrides` (`a.b=value`)
+    applied to its one application; the settings are checked (ConfigError says what is wrong)."""
+    config = yaml.safe_load(Path(path).read_text())
+    (application,) = config["applications"]
+    args = dict(application.get("args") or {})
+    if export is not None:
+        args["export"] = export
+    args["settings"] = apply_overrides(args.get("settings") or {}, list(overrides))
+    validate_config(ServingConfig, args["settings"], "serving settings")
+    return {**config, "applications": [{**application, "args": args}]}
 
 
 def app_from_config(
     path: str | Path = DEFAULT_CONFIG,
     export: str | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     deployment: dict[str, Any] | None = None,
 ) -> tuple[serve.Application, dict[str, Any], dict[str, Any]]:
     """The application a Serve config file describes, for `serve.run`.
@@ -246,19 +267,18 @@ def app_from_config(
     `overrides` (`a.b=value`) apply to the application's settings, `deployment` to the
     deployment options (num_replicas replaces autoscaling). Returns (app, run kwargs, http_options).
     """
-    config = yaml.safe_load(Path(path).read_text())
+    config = resolved_serve_config(path, export, overrides)
     (application,) = config["applications"]
-    args = dict(application.get("args") or {})
-    if export is not None:
-        args["export"] = export
-    args["settings"] = apply_overrides(args.get("settings") or {}, list(overrides))
+    args = application["args"]
     (options,) = application.get("deployments") or [{"name": "Completer"}]
     options = {k: v for k, v in options.items() if k != "name"} | (deployment or {})
     if "num_replicas" in (deployment or {}):
         options.pop("autoscaling_config", None)
     export = str(args.get("export", ""))
     if not is_s3(export) and not (Path(export) / "model.json").is_file():
-        raise ValueError(f"export {export!r} is not an export folder (no model.json); train one with jobs/pretrain.py")
+        raise ValueError(
+            f"export {export!r} is not an export folder (no model.json); train one with `biglearn pretrain`"
+        )
     run_kwargs = {"name": application["name"], "route_prefix": application.get("route_prefix", "/")}
     return _bind(args, options), run_kwargs, config.get("http_options", {})
 
