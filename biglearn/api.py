@@ -158,9 +158,11 @@ class Model:
             return {"values": {str(i): _plain(flat[i]) for i in np.flatnonzero(known)}}
         if mask is not None:
             raise ValueError("mask goes with values given as an array or an image")
+        if values is None:
+            return {"values": {}}  # nothing known: a joint sample
         if isinstance(values, Mapping):
             return {"values": {str(key): _plain(value) for key, value in values.items()}}
-        return {"values": None if values is None else [_plain(value) for value in values]}
+        return {"values": [_plain(value) for value in values]}
 
 
 def load(

@@ -16,6 +16,7 @@ with the core install (no Ray, no DeepSpeed).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import signal
@@ -28,6 +29,11 @@ import yaml
 
 from biglearn import __version__
 from biglearn.config import Config, ConfigError, config_path, config_yaml, job_parser, load_config, recipe_names
+
+
+def _about(command: Callable[[list[str]], int]) -> str:
+    """A command's docstring as its --help description."""
+    return inspect.cleandoc(command.__doc__ or "")
 
 
 def _fail(exc: Exception) -> int:
@@ -55,7 +61,7 @@ def prepare(argv: list[str]) -> int:
     """Convert real formats (IDX, image folders, text, tables, mixtures) into a dataset: Parquet
     shards + manifest.json, locally or under s3://. Running it again completes an interrupted one.
 
-    biglearn prepare --set source.kind=table --set source.path=my.csv --set output=data/my-table
+    biglearn prepare --set source.kind=table --set source.files=my.csv --set output=data/my-table
     biglearn prepare --set source.kind=idx --set source.images=train-images-idx3-ubyte.gz \\
         --set source.labels=train-labels-idx1-ubyte.gz --set output=s3://bucket/datasets/mnist"""
     from biglearn.data.manifest import DatasetError
@@ -64,7 +70,7 @@ def prepare(argv: list[str]) -> int:
 
     args = _parse(
         job_parser(
-            prepare.__doc__ or "",
+            _about(prepare),
             "YAML path or recipe name",
             "source.kind=text",
             config_class=PrepareConfig,
@@ -97,7 +103,7 @@ def pretrain(argv: list[str]) -> int:
 
     args = _parse(
         job_parser(
-            pretrain.__doc__ or "",
+            _about(pretrain),
             "YAML path or recipe name (default: %(default)s)",
             "train.steps=50",
             "digits-quick",
@@ -157,7 +163,7 @@ def sweep(argv: list[str]) -> int:
 
     args = _parse(
         job_parser(
-            sweep.__doc__ or "",
+            _about(sweep),
             "YAML path or recipe name (default: %(default)s)",
             "num_samples=4",
             "sweep-digits",
@@ -206,7 +212,7 @@ def simulate(argv: list[str]) -> int:
 
     args = _parse(
         job_parser(
-            simulate.__doc__ or "",
+            _about(simulate),
             "YAML path or recipe name (default: %(default)s)",
             "gmm25.outer_steps=2000",
             "gmm25-published",
@@ -253,7 +259,7 @@ def serve(argv: list[str]) -> int:
     from biglearn.serving import ServingConfig
 
     parser = job_parser(
-        serve.__doc__ or "",
+        _about(serve),
         "Serve config file (default: the packaged one)",
         "limits.max_num_samples=4",
         config_class=ServingConfig,
@@ -309,7 +315,7 @@ def complete(argv: list[str]) -> int:
     biglearn complete runs/digits-quick/export --values '{"0": 0, "1": 5}' --num-samples 2 --seed 1
     biglearn complete runs/iris/export --values '{"sepal length (cm)": 5.1}' --target '["species"]'"""
     parser = argparse.ArgumentParser(
-        prog="biglearn complete", description=complete.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="biglearn complete", description=_about(complete), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("export", help="export folder or s3:// URI")
     parser.add_argument(
@@ -360,13 +366,17 @@ def recipes(argv: list[str]) -> int:
     """List the recipes shipped with the package (names for --config) and where they are."""
     from biglearn.config import RECIPES
 
-    argparse.ArgumentParser(prog="biglearn recipes", description=recipes.__doc__).parse_args(argv)
+    argparse.ArgumentParser(prog="biglearn recipes", description=_about(recipes)).parse_args(argv)
     for name in recipe_names():
         header = (RECIPES / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()
         print(f"{name:<22} {header}")
     print(f"\n(in {RECIPES})")
     return 0
 
+
+# The extra that brings what a command imports when it runs (biglearn's core has none of these).
+COMMAND_EXTRAS = {"prepare": "train", "pretrain": "train", "sweep": "train", "serve": "serve"}
+S3_MODULES = ("boto3", "botocore")
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "prepare": prepare,
@@ -400,4 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    return command(argv[1:])
+    try:
+        return command(argv[1:])
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        extra = "s3" if missing in S3_MODULES else COMMAND_EXTRAS.get(argv[0])
+        if extra is None or missing.startswith("biglearn"):
+            raise
+        print(
+            f"error: `biglearn {argv[0]}` needs {missing}, which the [{extra}] extra installs: "
+            f"pip install 'biglearn[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2

@@ -9,6 +9,7 @@ A config file is a path or the name of a recipe shipped in `biglearn/recipes/`.
 from __future__ import annotations
 
 import argparse
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ C = TypeVar("C", bound="Config")
 
 
 RECIPES = Path(__file__).with_name("recipes")
+FIRST_SENTENCE = re.compile(r"(?<!e\.g)(?<!i\.e)\.\s")  # where a docstring's first sentence ends
 
 
 class Config(BaseModel):
@@ -71,32 +73,69 @@ def config_path(name_or_path: str | Path) -> Path:
     )
 
 
-def config_keys(cls: type[BaseModel]) -> str:
-    """Every key of `cls` as `section.key = default  description` lines (for --help)."""
-    lines = [f"{cls.__name__} keys (set with --set KEY=VALUE; values are YAML):"]
+def config_keys(cls: type[Config], recipe: str | Path | None = None) -> str:
+    """Every key of `cls` as `section.key = value  description` lines (for --help): the values
+    `recipe` sets, or the defaults of `cls` where there is no recipe."""
+    values = load_config(cls, recipe).model_dump(mode="json") if recipe is not None else None
+    source = f"values: recipe {recipe}" if recipe is not None else "values: defaults"
+    lines = [f"{cls.__name__} keys ({source}; set with --set KEY=VALUE, values are YAML):"]
     width = 38
-    for key, default, description in _walk(cls, ""):
-        lines.append(f"  {f'{key} = {default}':<{width}} {description}".rstrip())
+    for key, value, description in config_entries(cls, values):
+        lines.append(f"  {f'{key} = {value}':<{width}} {description}".rstrip())
     return "\n".join(lines)
 
 
-def _walk(cls: type[BaseModel], prefix: str) -> typing.Iterator[tuple[str, str, str]]:
+def config_entries(cls: type[BaseModel], values: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
+    """(dotted key, value as YAML, first sentence of its docstring) of every key of `cls`; values
+    from `values` (a dumped config) where it has them, else the defaults."""
+    return list(_walk(cls, "", values))
+
+
+def _walk(
+    cls: type[BaseModel], prefix: str, values: dict[str, Any] | None = None
+) -> typing.Iterator[tuple[str, str, str]]:
     for name, field in cls.model_fields.items():
         key = f"{prefix}{name}"
         annotation = _unwrap(field.annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and field.default is not None:
-            yield from _walk(annotation, f"{key}.")
+        given = values.get(name) if isinstance(values, dict) else None
+        summary = FIRST_SENTENCE.split(" ".join((field.description or "").split()))[0].rstrip(".")
+        summary = summary[:100] + ("..." if len(summary) > 100 else "")
+        members = _variants(annotation)
+        if members:  # a discriminated union (e.g. a dataset source): each variant's own keys
+            kinds = {variant: typing.get_args(variant.model_fields["kind"].annotation)[0] for variant in members}
+            chosen = given.get("kind") if isinstance(given, dict) else None
+            yield f"{key}.kind", _shown(chosen) if chosen else "(required)", f"one of: {', '.join(kinds.values())}"
+            for variant, kind in kinds.items():
+                for sub_key, value, description in _walk(variant, f"{key}.", given if chosen == kind else None):
+                    if sub_key != f"{key}.kind":
+                        yield sub_key, value, f"[{kind}] {description}".rstrip()
             continue
-        if field.is_required():
-            default = "(required)"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and field.default is not None:
+            yield from _walk(annotation, f"{key}.", given if isinstance(given, dict) else None)
+            continue
+        if isinstance(values, dict) and name in values:
+            shown = _shown(given)
+        elif field.is_required():
+            shown = "(required)"
         else:
-            value = to_jsonable_python(field.get_default(call_default_factory=True))
-            default = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
-            if len(default) > 60:
-                default = default[:57] + "..."
-        summary = " ".join((field.description or "").split())
-        summary = summary.split(". ")[0].rstrip(".")
-        yield key, default, summary[:100] + ("..." if len(summary) > 100 else "")
+            shown = _shown(to_jsonable_python(field.get_default(call_default_factory=True)))
+        yield key, shown, summary
+
+
+def _variants(annotation: Any) -> list[type[BaseModel]]:
+    """The models of a union of several models (a discriminated union), else []."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return []
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields]
+    return models if len(models) > 1 and len(models) == len(members) else []
+
+
+def _shown(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def job_parser(
@@ -104,7 +143,7 @@ def job_parser(
     config_help: str,
     set_example: str,
     default_config: str | None = None,
-    config_class: type[BaseModel] | None = None,
+    config_class: type[Config] | None = None,
     prog: str | None = None,
 ) -> argparse.ArgumentParser:
     """The command line every job starts from: `--config` (a YAML path or a recipe name), repeated
@@ -113,7 +152,7 @@ def job_parser(
         prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_keys(config_class) if config_class is not None else None,
+        epilog=config_keys(config_class, default_config) if config_class is not None else None,
     )
     parser.add_argument("--config", default=default_config, help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {set_example}")

@@ -55,13 +55,20 @@ OUTSIDE_LOGIT = -1e4
 
 class ModelConfig(Config):
     d_model: PositiveInt = 128
+    """Width of every position's hidden vector (embeddings and blocks)."""
     num_layers: PositiveInt = 4
+    """Transformer blocks."""
     num_heads: PositiveInt = 4
+    """Attention heads per block; must divide d_model."""
     mlp_ratio: float = Field(default=4.0, gt=0)
+    """Hidden width of each block's MLP, as a multiple of d_model."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout probability on attention weights and on each block's attention and MLP outputs."""
     drop_absent: bool = True
+    """Leave absent positions out of the attended sequence, which makes marginal tasks cheaper."""
     summary_width: NonNegativeInt = 0
-    """> 0 adds a global path of this hidden width: an MLP over all the example's source values at
+    """Hidden width of a global summary path over the example's sources; 0: none.
+    > 0 adds a global path of this hidden width: an MLP over all the example's source values at
     once (one-hot tokens or patches, zeros elsewhere; a critic's sees its targets too, in a second
     channel) whose output joins every position's input.
     Attention has to learn to pool the sources; this path sees them all from the first layer,
@@ -69,7 +76,8 @@ class ModelConfig(Config):
     steps but worsens the panel NLL, more so in longer runs (benchmarks/README.md). It ties the
     model to its trained length."""
     retrieval_neighbours: NonNegativeInt = 0
-    """> 0 keeps the training split in the model as a memory and gives every position, besides its
+    """Nearest training examples (on the sources) whose values each position also gets; 0: none.
+    > 0 keeps the training split in the model as a memory and gives every position, besides its
     own input, what this many memory examples hold at that position: those nearest to the
     example on its source positions (`NeighbourMemory`). In training an example never retrieves
     itself. On the digits, 5 neighbours raise completion accuracy at equal steps and lower the

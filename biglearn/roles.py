@@ -79,8 +79,12 @@ class Schedule(Config):
         Family.half: FamilySpec(weight=0.1),
         Family.box: FamilySpec(weight=0.05),
     }
+    """Task families drawn and their relative weights; a family left out is never drawn. Each also
+    has Beta laws of its target and source fractions (see `Family`)."""
     granularity: Literal["example", "batch"] = "example"
+    """example: a task drawn for each example; batch: one task for the whole global batch."""
     inner_steps: PositiveInt = 1
+    """Consecutive optimizer steps that share one task (granularity batch only)."""
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:

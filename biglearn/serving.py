@@ -64,28 +64,42 @@ from biglearn.roles import ABSENT, SOURCE, TARGET
 
 class LimitsConfig(Config):
     max_body_bytes: PositiveInt = 1_000_000
+    """Largest request body accepted, in bytes."""
     max_num_samples: PositiveInt = 16
+    """Most samples one request may ask for."""
     max_steps: PositiveInt = 256
-    max_length: PositiveInt = 16_384  # refuse to load a model whose sequences are longer
-    max_tokens_per_request: PositiveInt = 65_536  # num_samples * L (x2 with guidance): bounds one request's work
+    """Most decoding steps one request may ask for."""
+    max_length: PositiveInt = 16_384
+    """Longest sequence (positions) of a model the server loads; a longer export is refused."""
+    max_tokens_per_request: PositiveInt = 65_536
+    """Most num_samples x length (x2 with guidance) a request may ask for: bounds its work."""
 
 
 class BatchingConfig(Config):
     """Rows, not requests: a request of n samples takes n rows of a batch."""
 
     enabled: bool = True
+    """Batch concurrent requests into shared model calls; off: each runs alone."""
     max_batch_rows: PositiveInt = 64
+    """Most rows (samples) in one batched model call; at least limits.max_num_samples."""
     batch_wait_timeout_s: NonNegativeFloat = 0.01
+    """Seconds a batch waits for more requests before it runs without them."""
 
 
 class DecodingConfig(Config):
     """What a request gets for the decoding fields it leaves out."""
 
     steps: PositiveInt = 16
-    order: Order = "random"  # confidence order collapses joint samples (docs/results.md)
+    """Decoding steps: the targets are committed in this many rounds."""
+    order: Order = "random"
+    """Which targets each step commits: random ones, or the most confident first. Confidence order
+    collapses joint samples (docs/results.md)."""
     temperature: NonNegativeFloat = 1.0
+    """Sampling temperature; 0 takes the most likely value."""
     top_k: PositiveInt | None = None
+    """Sample only among the k most likely values; null: among all."""
     guidance: NonNegativeFloat = 0.0
+    """Guidance weight w (biglearn/generation.py); 0: plain sampling."""
 
 
 class ServingConfig(Config):
@@ -93,6 +107,7 @@ class ServingConfig(Config):
     batching: BatchingConfig = BatchingConfig()
     decoding: DecodingConfig = DecodingConfig()
     torch_threads: PositiveInt | None = None
+    """CPU threads each replica's torch uses; null: torch's default."""
 
     @model_validator(mode="after")
     def _check(self) -> ServingConfig:

@@ -51,14 +51,17 @@ STAGING = re.compile(r".+\.[0-9a-f]{32}\.partial")  # storage.write_bytes' stagi
 
 class PrepareConfig(Config):
     source: SourceInput
+    """The input to convert, chosen by its `kind`: idx, images, text, digits, gmm or table."""
     output: str
     """Local folder or s3://bucket/prefix to write the dataset to."""
     name: str | None = None
     """Dataset name in the manifest (default: from the input)."""
     validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    """Share of the rows held out as the validation split (rounded up)."""
     seed: int = 0
     """Seeds the train/validation split and the row order within each split."""
     rows_per_shard: PositiveInt = 10_000
+    """Rows per Parquet shard; a split's last shard may hold fewer."""
     workers: NonNegativeInt = 2
     """Conversion processes; 0 converts in this process."""
     overwrite: bool = False
@@ -151,7 +154,9 @@ def write_source(
     total_rows = sum(len(rows) for _, _, rows in todo)
     if shards:
         log.info(f"[biglearn] resuming: {len(shards)} shard(s) already written, {len(todo)} to go")
-    log.info(f"[biglearn] converting {total_rows} rows into {len(todo)} shard(s) at {output} ({workers or 'no'} worker processes)")
+    log.info(
+        f"[biglearn] converting {total_rows} rows into {len(todo)} shard(s) at {output} ({workers or 'no'} worker processes)"
+    )
 
     started, written = time.monotonic(), 0
     for (split, index), shard in _convert(source, output, fingerprint, todo, workers):
@@ -174,7 +179,9 @@ def write_source(
     )
     write_bytes(join(output, MANIFEST), manifest.model_dump_json(indent=2).encode())
     _tidy(output, ours, manifest)
-    log.info(f"[biglearn] dataset {name} committed at {output}: " + ", ".join(f"{s} {manifest.rows(s)} rows" for s in plan))
+    log.info(
+        f"[biglearn] dataset {name} committed at {output}: " + ", ".join(f"{s} {manifest.rows(s)} rows" for s in plan)
+    )
     return manifest
 
 
@@ -186,7 +193,10 @@ def _convert(source: Source, output: str, fingerprint: str, todo: list, workers:
     # spawn, not fork: pyarrow's S3 client keeps threads that a forked child would inherit broken.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_adopt, initargs=(source, os.getpid())) as pool:
-        futures = {pool.submit(_write_adopted, output, fingerprint, split, index, rows): (split, index) for split, index, rows in todo}
+        futures = {
+            pool.submit(_write_adopted, output, fingerprint, split, index, rows): (split, index)
+            for split, index, rows in todo
+        }
         for future in as_completed(futures):
             yield futures[future], future.result()
 

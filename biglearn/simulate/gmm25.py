@@ -84,27 +84,42 @@ PUBLISHED = [Phase(until=0.5, marginal=1.0), Phase(until=1.0, joint=0.1, margina
 
 
 class EvalSpec(Config):
-    num_samples: PositiveInt = 20000  # Monte Carlo samples for each KL estimate, per seed
-    radius: PositiveFloat = 0.5  # a data mode is covered when a model mean is this close
-    seed: int = 0  # the evaluation noise (the same for every seed and every evaluation)
+    num_samples: PositiveInt = 20000
+    """Monte Carlo samples for each KL estimate, per seed."""
+    radius: PositiveFloat = 0.5
+    """A data mode counts as covered when a model mean is this close to it."""
+    seed: int = 0
+    """Seed of the evaluation noise (the same for every seed and every evaluation)."""
 
 
 class Gmm25Config(Config):
     seeds: list[int] = Field(default_factory=lambda: list(PAPER_SEEDS), min_length=1)
+    """Seeds, one run each (all trained together in one batched computation)."""
     outer_steps: PositiveInt = 10000
+    """Outer steps: each draws one task (and a fresh Haar A) per run."""
     inner_steps: PositiveInt = 20
+    """Plain SGD steps on each outer step's task."""
     lr: PositiveFloat = 0.1
-    num_samples: PositiveInt = 100  # model samples per joint/marginal inner step
-    condition_values: PositiveInt = 4  # data values s per conditional inner step (x 25 samples each)
+    """SGD step size, for schedule phases that set no lr of their own."""
+    num_samples: PositiveInt = 100
+    """Model samples per joint or marginal inner step."""
+    condition_values: PositiveInt = 4
+    """Data values s per conditional inner step (each with one sample per model component)."""
     init_mean: float = -5.0
+    """Coordinate (both axes) the model means start near: the grid's corner."""
     init_noise: float = Field(default=0.1, ge=0)
-    init_cov: PositiveFloat = 1.0  # initial covariance init_cov * I (the public code's: 1)
+    """Standard deviation of the Gaussian noise added to each starting mean."""
+    init_cov: PositiveFloat = 1.0
+    """Initial covariance of every component, init_cov * I (the public code's: 1)."""
     schedule: list[Phase] = Field(default_factory=lambda: list(PUBLISHED), min_length=1)
+    """Phases of task weights (and step sizes) over the outer steps; default: the published one."""
     eval: EvalSpec = EvalSpec()
-    # Largest gradient norm per component (its 5 parameters) in one SGD step; None: no clipping.
     clip_norm: PositiveFloat | None = None
-    log_every: PositiveInt = 500  # outer steps between progress lines (and history points)
+    """Largest gradient norm per component (its 5 parameters) in one SGD step; null: no clipping."""
+    log_every: PositiveInt = 500
+    """Outer steps between progress lines (and history points)."""
     dtype: Literal["float32", "float64"] = "float64"
+    """Floating-point type of all the computation."""
 
     @model_validator(mode="after")
     def _check(self) -> Gmm25Config:

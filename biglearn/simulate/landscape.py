@@ -40,18 +40,28 @@ MODEL_VARIANCE = 0.1
 
 class DescentSpec(Config):
     lr: PositiveFloat = 0.05
+    """Gradient descent step size."""
     steps: PositiveInt = 3000
-    nudge: PositiveFloat = 0.05  # the joint's descent to its bad minimum starts at (1 - nudge, 1 + nudge)
+    """Gradient descent steps of each descent."""
+    nudge: PositiveFloat = 0.05
+    """Start offset of the joint's descent to its bad minimum: (1 - nudge, 1 + nudge)."""
     record_every: PositiveInt = 25
+    """Descent steps between the points recorded on each path."""
 
 
 class LandscapeConfig(Config):
     low: float = -2.0
+    """Lowest mu1 and mu2 of the grid."""
     high: float = 2.0
-    points: int = Field(default=81, ge=5)  # grid points per axis (0.05 apart by default)
+    """Highest mu1 and mu2 of the grid."""
+    points: int = Field(default=81, ge=5)
+    """Grid points per axis (0.05 apart by default)."""
     views: PositiveInt = 12
-    nodes: int = Field(default=32, ge=4, le=128)  # Gauss-Hermite nodes per dimension
-    chunk: PositiveInt = 128  # grid points per batch (memory)
+    """Rotated views y = A_theta x, theta = v pi / views, the view tasks average over."""
+    nodes: int = Field(default=32, ge=4, le=128)
+    """Gauss-Hermite quadrature nodes per dimension."""
+    chunk: PositiveInt = 128
+    """Grid points evaluated per batch (bounds memory)."""
     descent: DescentSpec = DescentSpec()
 
     @model_validator(mode="after")

@@ -29,8 +29,11 @@ SECTIONS = {"gmm25": "gmm25", "gmm2-landscape": "landscape"}
 
 class SimulateConfig(Config):
     experiment: Literal["gmm25", "gmm2-landscape"]
-    output: str  # a local folder; created when missing
-    threads: PositiveInt = 1  # torch intra-op threads (tiny tensors: 1 is fastest on a shared box)
+    """Simulation to run: gmm25 (reads section gmm25) or gmm2-landscape (reads landscape)."""
+    output: str
+    """Local folder the run writes to; created when missing."""
+    threads: PositiveInt = 1
+    """torch intra-op threads (tiny tensors: 1 is fastest on a shared box)."""
     gmm25: Gmm25Config = Gmm25Config()
     landscape: LandscapeConfig = LandscapeConfig()
 

@@ -66,13 +66,16 @@ class AshaConfig(Config):
     grace_period: PositiveInt = 1
     """Checkpoints every trial gets before it can be stopped."""
     reduction_factor: float = Field(default=2.0, gt=1)
+    """Rungs lie this factor apart; each lets the best 1/reduction_factor of its trials go on."""
     brackets: PositiveInt = 1
+    """ASHA brackets; bracket s puts its first rung at grace_period x reduction_factor^s.
+    Each trial is assigned one at random."""
 
 
 class TrialResources(Config):
     driver: dict[str, NonNegativeFloat] = {"CPU": 0, "memory": 256 * 2**20}
-    """Resources of each trial's driver, which only builds the TorchTrainer and waits (its Train
-    workers ask for `cluster.num_workers` x `cluster.cpus_per_worker` (+ GPU) of the base recipe).
+    """Resources of each trial's driver, which only builds the TorchTrainer and waits. Its Train
+    workers ask for `cluster.num_workers` x `cluster.cpus_per_worker` (+ GPU) of the base recipe.
     No CPU: a fraction of a CPU held by a driver leaves that node short of a whole CPU for a
     Train worker or a data-reading task, which deadlocked sweeps on nodes of 1 CPU each. On a
     cluster, a custom resource only the head or on-demand nodes advertise (e.g. `train_driver: 1`)
@@ -85,22 +88,24 @@ class SweepConfig(Config):
     storage: str = "runs/sweeps"
     """Folder holding sweeps: <storage>/<name>/ gets Tune's state, the trials' runs and results.
     Multi-node clusters need storage every node sees."""
-    base: str = "biglearn/recipes/digits-quick.yaml"
-    """Pretraining recipe every trial starts from."""
+    base: str = "digits-quick"
+    """Pretraining recipe every trial starts from: a packaged recipe's name or a YAML path."""
     overrides: list[str] = []
-    """`key=value` overrides applied to the base recipe (as with --set), e.g. train.steps=300."""
+    """`key=value` overrides applied to the base recipe (as with --set), like train.steps=300."""
     space: dict[str, Dimension] = {}
-    """Searched fields (dotted paths under schedule., optim. or gan.) and how each is drawn."""
+    """Searched fields (dotted paths under schedule, optim or gan) and how each is drawn."""
     objective: str = "mean"
-    """Minimised: 'mean' (mean panel NLL over the panel's tasks) or one panel task's NLL (e.g.
-    bottom_half), scored at every checkpoint on `eval.checkpoint_panel_examples` validation
-    examples; for a 2-D mixture's BigLearn-GAN, 'modes': the modes its joint samples miss."""
+    """What trials are ranked by (minimised): 'mean', one panel task's name, or 'modes'. 'mean' is
+    the mean panel NLL over the panel's tasks and a task's name (bottom_half, say) that task's NLL,
+    scored at every checkpoint on `eval.checkpoint_panel_examples` validation examples; for a 2-D
+    mixture's BigLearn-GAN, 'modes': the modes its joint samples miss."""
     panel_examples: PositiveInt = 128
-    """Validation examples the objective is scored on at each checkpoint (the same ones for every
-    trial; the panel's tasks are seeded per example, so scores compare across trials)."""
+    """Validation examples the objective is scored on at each checkpoint. They are the same ones
+    for every trial; the panel's tasks are seeded per example, so scores compare across trials."""
     num_samples: PositiveInt = 8
     """Trials drawn (each grid point gets this many)."""
     max_concurrent_trials: PositiveInt = 2
+    """Trials run at once; the rest wait."""
     seed: int = 0
     """Seed of the random search, so a sweep draws the same trials again."""
     asha: AshaConfig | None = AshaConfig()
@@ -113,6 +118,8 @@ class SweepConfig(Config):
     max_trial_failures: int = Field(default=1, ge=0)
     """Times a failed trial is retried (it resumes its Train run from its last checkpoint)."""
     progress_every_s: float = Field(default=30.0, gt=0)
+    """Seconds between progress lines (trials by state, best so far). One is also logged as each
+    trial ends."""
 
     @model_validator(mode="after")
     def _check_space(self) -> SweepConfig:

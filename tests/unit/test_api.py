@@ -4,6 +4,7 @@ numpy and PIL in and out, log-probabilities, and a CLI whose help comes from the
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,7 @@ def test_complete_answers_what_the_server_answers_and_keeps_the_given_values(mod
     assert np.array_equal(model.complete({0: 3, 5: 1}, num_samples=3, seed=4, steps=4).samples, out.samples)
     assert not np.array_equal(model.complete({0: 3, 5: 1}, num_samples=3, seed=5, steps=4).samples, out.samples)
     assert model.card.length == L and out.estimate is None
+    assert model.complete(num_samples=2, seed=1).samples.shape == (2, L)  # nothing given: joint samples
 
 
 def test_numpy_and_pil_images_in_and_out(model):
@@ -102,8 +104,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_the_command_line_lists_keys_prints_configs_and_completes(export_folder):
     helped = run_cli("pretrain", "--help")
     assert helped.returncode == 0
-    # every key of the typed config, with its default and its docstring's first sentence
-    assert "train.steps = 600" in helped.stdout and "optim.batch_size = 128" in helped.stdout
+    # every key of the typed config, with the default recipe's value and its docstring's first sentence
+    assert "recipe digits-quick" in helped.stdout and "train.steps = 500" in helped.stdout
+    assert "optim.batch_size = 64" in helped.stdout and "train.tracker = none" in helped.stdout
     assert "Global batch per optimizer step" in helped.stdout
     printed = run_cli("pretrain", "--config", "digits-quality", "--set", "train.steps=7", "--print-config")
     assert printed.returncode == 0 and "steps: 7" in printed.stdout and "name: digits-quality" in printed.stdout
@@ -117,3 +120,21 @@ def test_the_command_line_lists_keys_prints_configs_and_completes(export_folder)
     assert len(answer["samples"]) == 2 and all(s["values"][0] == 3 for s in answer["samples"]) and answer["steps"] == 4
     refused = run_cli("complete", str(export_folder), "--values", '{"0": 99}')
     assert refused.returncode == 2 and "outside the vocabulary" in refused.stderr
+
+
+def test_every_config_key_has_a_description_for_help():
+    from biglearn.config import config_entries
+    from biglearn.data.prepare import PrepareConfig
+    from biglearn.serving import ServingConfig
+    from biglearn.simulate.run import SimulateConfig
+    from biglearn.train.config import PretrainConfig
+    from biglearn.tune.config import SweepConfig
+
+    for cls in (PretrainConfig, ServingConfig, SweepConfig, SimulateConfig, PrepareConfig):
+        entries = config_entries(cls)
+        bare = [key for key, _, description in entries if not re.sub(r"^\[\w+\] ", "", description)]
+        assert len(entries) > 5 and not bare, (cls.__name__, bare)
+    # a dataset source lists each kind's own keys
+    keys = {key: description for key, _, description in config_entries(PrepareConfig)}
+    assert keys["source.kind"].startswith("one of: idx, images, text, digits, gmm, table")
+    assert keys["source.bins"].startswith("[table] ")

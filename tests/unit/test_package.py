@@ -105,9 +105,24 @@ def test_the_installed_core_loads_an_export_and_completes_without_the_cluster_st
     assert used.split()[0].startswith(str(site)), "the installed wheel was used, not the checkout"
     assert used.split(maxsplit=1)[1].strip() == "(2, 16) [3, 3] True"
     helped = run("import sys; from biglearn.cli import main; sys.exit(main(['pretrain', '--help']))")
-    assert "train.steps = 600" in helped and "cluster.zero_stage = 2" in helped
+    assert "train.steps = 500" in helped and "cluster.zero_stage = 2" in helped
     recipes = run("from biglearn.cli import main; main(['recipes'])")
     assert "digits-quality" in recipes and str(site) in recipes
+    # a command that needs an extra says which one
+    serve = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCKED + "import sys; from biglearn.cli import main; "
+            f"sys.exit(main(['serve', '--export', {str(export_folder)!r}]))",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert serve.returncode == 2 and "pip install 'biglearn[serve]'" in serve.stderr, serve.stderr
 
 
 def test_code_and_recipes_carry_no_dated_measurements_or_issue_references():
