@@ -41,7 +41,18 @@ def _fail(exc: Exception) -> int:
     return 2
 
 
-def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def _job_args(
+    command: Callable[[list[str]], int],
+    config_class: type[Config],
+    set_example: str,
+    argv: list[str],
+    default: str | None = None,
+) -> argparse.Namespace:
+    """The options of a command run from a config (--config, --set, --print-config)."""
+    where = "YAML path or recipe name" + (" (default: %(default)s)" if default else "")
+    parser = job_parser(
+        _about(command), where, set_example, default, config_class=config_class, prog=f"biglearn {command.__name__}"
+    )
     return parser.parse_args(argv)
 
 
@@ -68,16 +79,7 @@ def prepare(argv: list[str]) -> int:
     from biglearn.data.prepare import PrepareConfig, prepare_dataset
     from biglearn.data.storage import StorageError
 
-    args = _parse(
-        job_parser(
-            _about(prepare),
-            "YAML path or recipe name",
-            "source.kind=text",
-            config_class=PrepareConfig,
-            prog="biglearn prepare",
-        ),
-        argv,
-    )
+    args = _job_args(prepare, PrepareConfig, "source.kind=text", argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         cfg = _load(PrepareConfig, args)
@@ -101,17 +103,7 @@ def pretrain(argv: list[str]) -> int:
     ray job submit --working-dir . -- python jobs/pretrain.py --config digits-quality"""
     from biglearn.train.config import PretrainConfig
 
-    args = _parse(
-        job_parser(
-            _about(pretrain),
-            "YAML path or recipe name (default: %(default)s)",
-            "train.steps=50",
-            "digits-quick",
-            config_class=PretrainConfig,
-            prog="biglearn pretrain",
-        ),
-        argv,
-    )
+    args = _job_args(pretrain, PretrainConfig, "train.steps=50", argv, default="digits-quick")
     try:
         cfg = _load(PretrainConfig, args)
         if cfg is None:
@@ -161,17 +153,7 @@ def sweep(argv: list[str]) -> int:
     biglearn sweep --config sweep-digits --set num_samples=4 --set name=try"""
     from biglearn.tune.config import SweepConfig
 
-    args = _parse(
-        job_parser(
-            _about(sweep),
-            "YAML path or recipe name (default: %(default)s)",
-            "num_samples=4",
-            "sweep-digits",
-            config_class=SweepConfig,
-            prog="biglearn sweep",
-        ),
-        argv,
-    )
+    args = _job_args(sweep, SweepConfig, "num_samples=4", argv, default="sweep-digits")
     try:
         from biglearn.data.manifest import DatasetError
         from biglearn.train.run import PretrainError
@@ -210,17 +192,7 @@ def simulate(argv: list[str]) -> int:
     from biglearn.simulate.run import SimulateConfig
     from biglearn.simulate.run import simulate as run_simulation
 
-    args = _parse(
-        job_parser(
-            _about(simulate),
-            "YAML path or recipe name (default: %(default)s)",
-            "gmm25.outer_steps=2000",
-            "gmm25-published",
-            config_class=SimulateConfig,
-            prog="biglearn simulate",
-        ),
-        argv,
-    )
+    args = _job_args(simulate, SimulateConfig, "gmm25.outer_steps=2000", argv, default="gmm25-published")
     try:
         cfg = _load(SimulateConfig, args)
     except ConfigError as exc:
@@ -269,7 +241,7 @@ def serve(argv: list[str]) -> int:
     parser.add_argument(
         "--metrics-port", type=int, default=8080, help="Prometheus endpoint of this node (default: %(default)s)"
     )
-    args = _parse(parser, argv)
+    args = parser.parse_args(argv)
     try:
         from biglearn.serve.app import DEFAULT_CONFIG, app_from_config, resolved_serve_config
 
@@ -336,7 +308,7 @@ def complete(argv: list[str]) -> int:
         ("guidance", float, None),
     ):
         parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
-    args = _parse(parser, argv)
+    args = parser.parse_args(argv)
     from pydantic import ValidationError
 
     from biglearn.api import load

@@ -19,6 +19,7 @@ from biglearn.export import write_export
 from biglearn.serve.app import app_from_config
 from biglearn.serving import decode_png
 from biglearn.train.run import pretrain
+from tests.exports import write_table_export
 from tests.integration.conftest import free_port, tiny_config, wait_for
 
 pytestmark = pytest.mark.ray
@@ -289,9 +290,6 @@ def test_a_table_export_is_asked_and_answers_by_column_name(server, tmp_path):
     import numpy as np
     from ray import serve
 
-    from biglearn.data.table import fit_schema
-    from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
-
     base, _ = server
     rng = np.random.default_rng(0)
     table = {
@@ -299,21 +297,7 @@ def test_a_table_export_is_asked_and_answers_by_column_name(server, tmp_path):
         "sex": rng.choice(np.array(["F", "M"], dtype=object), 100),
         "income": rng.lognormal(10, 1, 100),
     }
-    schema = fit_schema(table, {"age": "numeric", "sex": "categorical", "income": "numeric"}, np.arange(100), bins=4)
-    spec = ModelSpec(
-        model=ModelConfig(d_model=16, num_layers=1, num_heads=2),
-        length=3,
-        vocab_size=schema.vocab_size,
-        position_vocab=schema.position_vocab,
-    )
-    manifest = {
-        "name": "people",
-        "kind": "discrete",
-        "length": 3,
-        "vocab_size": schema.vocab_size,
-        "table": schema.model_dump(mode="json"),
-    }
-    write_export(tmp_path, UniversalTransformer(spec).state_dict(), spec, manifest, {})
+    write_table_export(tmp_path, table, {"age": "numeric", "sex": "categorical", "income": "numeric"}, bins=4)
     app, _, _ = app_from_config(
         export=str(tmp_path),
         overrides=SETTINGS,

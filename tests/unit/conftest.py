@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from biglearn.data.table import fit_schema
 from biglearn.export import write_export
 from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
+from tests.exports import write_table_export
 
 H, W, V = 4, 4, 5
 L = H * W
@@ -47,20 +47,4 @@ def table_export_folder(tmp_path_factory) -> Path:
         "smoker": (rng.random(200) < 0.3).astype(object),
     }
     kinds = {"age": "numeric", "income": "numeric", "city": "categorical", "smoker": "boolean"}
-    schema = fit_schema(table, kinds, np.arange(200), bins=6)
-    spec = ModelSpec(
-        model=ModelConfig(d_model=16, num_layers=1, num_heads=2),
-        length=4,
-        vocab_size=schema.vocab_size,
-        position_vocab=schema.position_vocab,
-    )
-    manifest = {
-        "name": "people",
-        "kind": "discrete",
-        "length": 4,
-        "vocab_size": schema.vocab_size,
-        "table": schema.model_dump(mode="json"),
-    }
-    folder = tmp_path_factory.mktemp("table-export")
-    write_export(folder, UniversalTransformer(spec).state_dict(), spec, manifest, {})
-    return folder
+    return write_table_export(tmp_path_factory.mktemp("table-export"), table, kinds, bins=6)
