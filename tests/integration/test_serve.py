@@ -4,6 +4,7 @@ Prometheus metrics, and a replica killed under load."""
 
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -469,3 +470,15 @@ def test_a_replica_killed_under_load_is_replaced_and_no_request_hangs(server):
     assert "hung" not in outcomes
     assert len(failed) <= MAX_ONGOING, "only requests in flight on the killed replica may fail"
     assert post(base, {"values": {"0": 1}}).status_code == 200
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/serving.md"])
+def test_the_python_examples_of_the_docs_run_on_a_trained_export(export, page):
+    """The Python API's examples, as printed, on this module's digits export (8x8, 17 levels)."""
+    text = (Path(__file__).resolve().parents[2] / page).read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert '"runs/digits-quick/export"' in code
+    namespace: dict = {}
+    exec(code.replace('"runs/digits-quick/export"', repr(str(export))), namespace)  # noqa: S102
+    out = namespace["out"]
+    assert out.samples.shape == (4, L) and (out.samples[:, :2] == [3, 0]).all() and len(out.images) == 4
