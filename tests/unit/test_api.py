@@ -138,3 +138,14 @@ def test_every_config_key_has_a_description_for_help():
     keys = {key: description for key, _, description in config_entries(PrepareConfig)}
     assert keys["source.kind"].startswith("one of: idx, images, text, digits, gmm, table")
     assert keys["source.bins"].startswith("[table] ")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_loaded_on_a_gpu_completes_and_scores(export_folder):
+    model = biglearn.load(export_folder, device="cuda")
+    assert next(model.served.model.parameters()).is_cuda
+    out = model.complete({0: 3, 5: 1}, num_samples=3, seed=4, steps=4)
+    assert out.samples.shape == (3, L) and (out.samples[:, 0] == 3).all() and (out.samples[:, 5] == 1).all()
+    on_cpu = biglearn.load(export_folder, device="cpu").log_prob({0: 3, 1: 0, 5: 2}, [5], steps=1)
+    assert model.log_prob({0: 3, 1: 0, 5: 2}, [5], steps=1) == pytest.approx(on_cpu, abs=1e-3)
