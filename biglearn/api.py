@@ -23,7 +23,7 @@ from PIL import Image
 
 from biglearn.config import validate_config
 from biglearn.generation import decoding_nll
-from biglearn.roles import TARGET
+from biglearn.roles import ABSENT, TARGET
 from biglearn.serving import (
     CompleteRequest,
     CompleteResponse,
@@ -51,8 +51,9 @@ class Completion:
     """What `Model.complete` returns."""
 
     samples: np.ndarray | list[dict[str, Any]]
-    """Token ids [num_samples, L]; a BigLearn-GAN generator's values [num_samples, L] (P = 1) or
-    [num_samples, L, P]; a table model's rows as {column: value} (given and target columns)."""
+    """Token ids [num_samples, L] (-1 where a position was neither given nor a target); a
+    BigLearn-GAN generator's values [num_samples, L] (P = 1) or [num_samples, L, P] (NaN there);
+    a table model's rows as {column: value} (given and target columns)."""
     estimate: dict[str, Any] | None
     """A table model: per target column the mean (numeric) or most frequent value; else None."""
     images: list[Image.Image] | None
@@ -105,11 +106,14 @@ class Model:
         response = respond(task, samples, self.served)
         if self.served.table is not None:
             rows: np.ndarray | list[dict[str, Any]] = [dict(sample.values) for sample in response.samples]  # type: ignore[arg-type]
-        else:
-            rows = np.asarray([sample.values for sample in response.samples])
+        else:  # positions neither given nor target: -1 (token ids) or NaN (a generator's numbers)
+            rows = samples.numpy().copy()
+            rows[:, (task.roles_L == ABSENT).numpy()] = np.nan if self.served.spec.continuous else -1
+            if self.served.spec.patch_dim == 1:
+                rows = rows[..., 0]
         images = None
         if self.served.image_shape is not None:
-            images = [grey_image(row, self.served.image_shape, self.served.vocab_size) for row in np.asarray(rows)]
+            images = [grey_image(row, self.served.image_shape, self.served.vocab_size) for row in samples]
         return Completion(samples=rows, estimate=response.estimate, images=images, response=response)
 
     def log_prob(

@@ -25,6 +25,7 @@ from biglearn.roles import ABSENT, SOURCE, TARGET
 
 Order = Literal["random", "confidence"]
 LOG_FLOOR = -1e4
+MAX_GUIDANCE = 1e6  # |weight * (log p_c - log p_u)| <= 1e6 * 2e4 stays far inside float64
 
 
 def commit_counts(remaining_B: torch.Tensor, steps_left: int) -> torch.Tensor:
@@ -57,8 +58,8 @@ def complete(
     per_row = not isinstance(generator, torch.Generator)
     if per_row and len(generator) != values_BL.shape[0]:
         raise ValueError(f"got {len(generator)} generators for {values_BL.shape[0]} rows")
-    if guidance < 0:
-        raise ValueError("guidance must be >= 0")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(f"guidance must be in [0, {MAX_GUIDANCE:g}]")
     values_BL = values_BL.long().clone()
     roles_BL = roles_BL.clone()
     remaining_BL = roles_BL == TARGET
@@ -74,7 +75,7 @@ def complete(
         if guided:
             unconditional_GLV = model(values_BL[guided_B], roles_BL[guided_B].masked_fill(given_BL[guided_B], ABSENT))
             logits_BLV = logits_BLV.float()
-            logits_BLV[guided_B] = _guide(logits_BLV[guided_B], unconditional_GLV, guidance)
+            logits_BLV[guided_B] = _guide(logits_BLV[guided_B], unconditional_GLV, guidance).float()
         logits_NV = logits_BLV[remaining_BL].float()
         if per_row:
             draw_N = _row_uniforms(generator, remaining_BL)[remaining_BL]
@@ -104,9 +105,10 @@ def _guide(conditional_BLV: torch.Tensor, unconditional_BLV: torch.Tensor, weigh
     """Log-probabilities log p_c + w (log p_c - log p_u), up to a constant per position.
 
     Both are floored at LOG_FLOOR so that a value a model rules out (-inf) stays ruled out
-    instead of turning the difference into NaN."""
-    log_conditional = conditional_BLV.float().log_softmax(-1).clamp(min=LOG_FLOOR)
-    log_unconditional = unconditional_BLV.float().log_softmax(-1).clamp(min=LOG_FLOOR)
+    instead of turning the difference into NaN; in float64, so that every weight up to
+    MAX_GUIDANCE stays finite."""
+    log_conditional = conditional_BLV.double().log_softmax(-1).clamp(min=LOG_FLOOR)
+    log_unconditional = unconditional_BLV.double().log_softmax(-1).clamp(min=LOG_FLOOR)
     return log_conditional + weight * (log_conditional - log_unconditional)
 
 
@@ -121,8 +123,12 @@ def sample_values(logits_NV, generator, temperature, top_k, uniform_N=None):
     distribution (the confidence: top-k truncation would flatten it, e.g. to 1.0 at top_k=1).
 
     With `uniform_N`, the sample is the inverse CDF at that noise instead of a draw from
-    `generator`."""
-    scaled_NV = logits_NV / temperature if temperature > 0 else logits_NV
+    `generator`.
+
+    Safe for every temperature > 0 and any finite logits: the logits are shifted so that their
+    largest is 0 and divided in float64, so no temperature turns them into inf - inf."""
+    shifted_NV = (logits_NV - logits_NV.amax(-1, keepdim=True)).double()
+    scaled_NV = shifted_NV / temperature if temperature > 0 else shifted_NV
     probs_NV = scaled_NV.softmax(-1)
     if temperature <= 0:
         sampled_N = probs_NV.argmax(-1)
@@ -138,7 +144,7 @@ def sample_values(logits_NV, generator, temperature, top_k, uniform_N=None):
             # The cumsum may end just under 1: never step past the last value top-k allows.
             last_allowed_N = (truncated_NV > 0).long().cumsum(-1).argmax(-1)
             sampled_N = torch.minimum(below_N, last_allowed_N)
-    return sampled_N, probs_NV.gather(1, sampled_N[:, None])[:, 0]
+    return sampled_N, probs_NV.gather(1, sampled_N[:, None])[:, 0].to(logits_NV.dtype)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    field_validator,
     model_validator,
 )
 
@@ -55,7 +56,7 @@ from biglearn.config import Config
 from biglearn.data.table import MISSING, TableColumn, TableSchema, decode, encode, point_estimate
 from biglearn.export import load_export
 from biglearn.gan import generate
-from biglearn.generation import Order, complete
+from biglearn.generation import MAX_GUIDANCE, Order, complete
 from biglearn.model import ModelSpec
 from biglearn.roles import ABSENT, SOURCE, TARGET
 
@@ -98,7 +99,7 @@ class DecodingConfig(Config):
     """Sampling temperature; 0 takes the most likely value."""
     top_k: PositiveInt | None = None
     """Sample only among the k most likely values; null: among all."""
-    guidance: NonNegativeFloat = 0.0
+    guidance: float = Field(default=0.0, ge=0, le=MAX_GUIDANCE)
     """Guidance weight w (biglearn/generation.py); 0: plain sampling."""
 
 
@@ -280,25 +281,40 @@ class CompleteRequest(BaseModel):
         default="rest",
         description='positions (a table model: column names) to generate, or "rest" = every one not known',
     )
-    num_samples: PositiveInt = 1
-    seed: int = Field(default=0, ge=0, lt=2**63)
-    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    top_k: PositiveInt | None = None
-    steps: PositiveInt | None = None
+    num_samples: int = Field(default=1, gt=0, strict=True)
+    seed: int = Field(default=0, ge=0, lt=2**63, strict=True)
+    temperature: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, strict=True, description="0 takes the most likely value"
+    )
+    top_k: int | None = Field(default=None, gt=0, strict=True)
+    steps: int | None = Field(default=None, gt=0, strict=True)
     order: Order | None = None
     guidance: float | None = Field(
         default=None,
         ge=0,
+        le=MAX_GUIDANCE,
         allow_inf_nan=False,
+        strict=True,
         description="w > 0 sharpens the samples toward the known values: each step samples from "
         "p(x | known) * (p(x | known) / p(x))^w, the same model asked again without the known values",
     )
-    return_png: bool = False
+    return_png: StrictBool = False
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _one_value_a_position(cls, values: Any) -> Any:
+        """JSON keys "0" and "00" name the same position: refused rather than one kept."""
+        if isinstance(values, dict):
+            positions = [int(key) for key in values if isinstance(key, str) and key.isdigit()]
+            if len(set(positions)) != len(positions):
+                raise ValueError('values names a position more than once (e.g. "0" and "00")')
+        return values
 
 
 class Sample(BaseModel):
-    values: list[int] | list[float] | list[list[float]] | dict[str, Cell] = Field(
-        description="token ids, or for a continuous model one number (P = 1) or patch per position; "
+    values: list[int | None] | list[float | None] | list[list[float] | None] | dict[str, Cell] = Field(
+        description="per position: token ids, or for a continuous model one number (P = 1) or patch; "
+        "null where a position was neither given nor a target; "
         "a table model: {column: value} for the given and target columns"
     )
     png: str | None = None
@@ -535,8 +551,8 @@ def _no_decoding(request: CompleteRequest) -> None:
 def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, known_L): values_L int64 for a token model, values_LP float32 for a generator."""
     spec = served.spec
-    if (request.values is None) == (request.image is None):
-        raise RequestError("give the known values either as `values` or as `image`, exactly one of them")
+    if request.values is not None and request.image is not None:
+        raise RequestError("give the known values either as `values` or as `image`, not both")
     if request.image is not None:
         if served.image_shape is None:
             raise RequestError("image: this model's positions are not the pixels of an image; send `values`")
@@ -679,9 +695,10 @@ def respond(task: Task, samples: torch.Tensor, served: ExportedModel) -> Complet
         return _table_response(task, samples, served.table)
     if served.spec.patch_dim == 1:
         samples = samples[..., 0]
+    absent = (task.roles_L == ABSENT).tolist()
     answers = [
         Sample(
-            values=row.tolist(),
+            values=[None if left_out else value for value, left_out in zip(row.tolist(), absent)],
             png=encode_png(row, served.image_shape, served.vocab_size)
             if task.return_png and served.image_shape
             else None,

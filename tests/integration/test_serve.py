@@ -161,12 +161,13 @@ def test_completions_keep_given_values_fill_targets_and_repeat_by_seed(server):
     assert all(s["values"][k] == v for s in guided["samples"] for k, v in known.items())
     assert guided["samples"] != unguided["samples"]
 
-    # explicit targets: only they are filled; positions in neither S nor T come back as 0
+    # explicit targets: only they are filled; positions in neither S nor T come back as null (0 in the PNG)
     partial = post(base, {"values": {"0": 5}, "target": [10, 20, 30], "seed": 3, "return_png": True}).json()
     values = partial["samples"][0]["values"]
-    assert values[0] == 5 and all(values[i] == 0 for i in range(L) if i not in (0, 10, 20, 30))
+    assert values[0] == 5 and all(values[i] is None for i in range(L) if i not in (0, 10, 20, 30))
+    assert all(isinstance(values[i], int) for i in (10, 20, 30))
     png_values = decode_png(partial["samples"][0]["png"], (8, 8), V, "png")
-    assert png_values.tolist() == values
+    assert png_values.tolist() == [0 if value is None else value for value in values]
 
 
 def test_concurrent_requests_with_different_tasks_are_batched_without_changing_answers(server):

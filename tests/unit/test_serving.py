@@ -124,8 +124,7 @@ def test_json_keys_of_the_map_are_positions(served):
         ({"values": list(range(V)) * 3 + [0]}, '"rest" but every position is known'),
         ({"values": {0: 1}, "num_samples": 9}, "at most 8"),
         ({"values": {0: 1}, "steps": 9}, "at most 8"),
-        ({}, "exactly one of them"),
-        ({"values": {0: 1}, "image": {"png": "x"}}, "exactly one of them"),
+        ({"values": {0: 1}, "image": {"png": "x"}}, "not both"),
         ({"image": {"png": "not base64!"}}, "image.png: not a base64-encoded PNG"),
     ],
 )
@@ -144,11 +143,44 @@ def test_bad_requests_say_what_to_fix(served, fields, message):
         '{"values": {"0": 1}, "num_samples": 0}',
         '{"values": {"0": 1}, "order": "sideways"}',
         '{"values": {"0": 1}, "guidance": -1}',
+        '{"values": {"0": 1}, "guidance": 1e308}',  # beyond what decoding keeps finite
+        '{"values": {"0": 1}, "num_samples": "2"}',  # numbers are numbers, as in `values`
+        '{"values": {"0": 1}, "seed": "7"}',
+        '{"values": {"0": 1}, "steps": 2.0}',
+        '{"values": {"0": 1}, "temperature": "1.5"}',
+        '{"values": {"0": 1}, "return_png": "yes"}',
+        '{"values": {"0": 1}, "return_png": 0}',
+        '{"values": {"0": 1, "00": 2}}',  # one position twice
     ],
 )
 def test_schema_refuses_malformed_fields(body):
     with pytest.raises(ValidationError):
         CompleteRequest.model_validate_json(body)
+
+
+def test_an_empty_request_asks_for_a_joint_sample_and_only_targets_come_back(served):
+    joint = task(served)
+    assert (joint.roles_L == TARGET).all()
+    partial = task(served, values={0: 3}, target=[4, 5])
+    (samples,) = complete_tasks(served.model, [partial], served.device)
+    (row,) = respond(partial, samples, served).samples
+    assert row.values[0] == 3 and all(isinstance(row.values[i], int) for i in (4, 5))
+    assert [i for i, value in enumerate(row.values) if value is None] == [i for i in range(L) if i not in (0, 4, 5)]
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_decodes_as_the_most_likely_value_does(served, temperature):
+    greedy = task(served, values={0: 3}, num_samples=2, seed=1, temperature=0.0)
+    tiny = task(served, values={0: 3}, num_samples=2, seed=1, temperature=temperature)
+    (expected,), (got,) = (complete_tasks(served.model, [t], served.device) for t in (greedy, tiny))
+    assert torch.equal(got, expected) and not (got[:, 1:] == 0).all()
+
+
+def test_the_largest_guidance_allowed_keeps_decoding_finite(served):
+    for guidance in (1e6, 1e3):
+        guided = task(served, values={0: 3, 1: 2}, num_samples=2, seed=1, guidance=guidance)
+        (samples,) = complete_tasks(served.model, [guided], served.device)
+        assert ((samples >= 0) & (samples < V)).all() and not (samples[:, 2:] == 0).all()
 
 
 @pytest.mark.parametrize(
