@@ -112,12 +112,25 @@ async def limit_and_count(request: Request, call_next):
     too_large = await _body_too_large(request)
     if too_large:
         response = _reject(request, 413, too_large, "body_too_large")
+    elif request.method == "POST" and _media_type(request) != "application/json":
+        given = request.headers.get("content-type") or "none"
+        response = _reject(
+            request,
+            415,
+            f"content type is {given}; send JSON with content-type: application/json",
+            "unsupported_media_type",
+        )
     else:
         response = await call_next(request)
     if metrics is not None:
         metrics.requests.inc(tags={"route": route, "status": str(response.status_code)})
         metrics.latency_ms.observe((time.perf_counter() - started) * 1000, tags={"route": route})
     return response
+
+
+def _media_type(request: Request) -> str:
+    """The request's content type without parameters (charset), lower case."""
+    return (request.headers.get("content-type") or "").split(";")[0].strip().lower()
 
 
 async def _body_too_large(request: Request) -> str | None:
@@ -188,7 +201,7 @@ class Completer:
         # Ray stops exporting a gauge that is not set again; the health check comes regularly.
         self.metrics.load_seconds.set(self.load_seconds)
 
-    @api.get("/v1/health", response_model=None)
+    @api.api_route("/v1/health", methods=["GET", "HEAD"], response_model=None)
     async def health(self, request: Request) -> dict | JSONResponse:
         problem = self._unusable()
         if problem:

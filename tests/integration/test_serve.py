@@ -217,6 +217,10 @@ def test_model_card_health_and_docs(server, export):
     config = json.loads((export / "config.json").read_text())
     assert card["config_sha256"] == hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     assert requests.get(f"{base}/v1/health", timeout=10).json()["status"] == "ok"
+    assert requests.head(f"{base}/v1/health", timeout=10).status_code == 200  # load balancers ask with HEAD
+    form_type = {"content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends unless told
+    form = requests.post(f"{base}/v1/complete", data='{"values": {"0": 1}}', headers=form_type, timeout=10)
+    assert form.status_code == 415 and "content-type: application/json" in form.json()["detail"]
     assert requests.get(f"{base}/-/healthz", timeout=10).status_code == 200
     assert "/v1/complete" in requests.get(f"{base}/openapi.json", timeout=10).json()["paths"]
     assert requests.get(f"{base}/docs", timeout=10).status_code == 200
