@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import biglearn
 import biglearn.data.prepare as prepare_module
 from biglearn import cli
 from biglearn.data.manifest import read_manifest, read_split
@@ -79,6 +80,9 @@ def test_prepare_train_and_resume_all_in_s3(ray_with_s3, capsys):
     task = parse_request(CompleteRequest(values={0: 3}, seed=1), served, ServingConfig())
     (sample,) = complete_tasks(served.model, [task], served.device)
     assert sample[0, 0] == 3 and ((0 <= sample) & (sample < 17)).all()
+    # and so does the Python API, with the same answer
+    model = biglearn.load(f"{storage}/s3run/export", device="cpu")
+    assert np.array_equal(model.complete({0: 3}, seed=1).samples, sample.numpy())
 
     out = capsys.readouterr()
     saved = b"".join(
