@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ class Model:
         (samples,) = complete_tasks(self.served.model, [task], self.served.device)
         response = respond(task, samples, self.served)
         if self.served.table is not None:
-            rows: np.ndarray | list[dict[str, Any]] = [dict(sample.values) for sample in response.samples]  # type: ignore[arg-type]
+            rows: np.ndarray | list[dict[str, Any]] = [cast(dict, sample.values) for sample in response.samples]
         else:  # positions neither given nor target: -1 (token ids) or NaN (a generator's numbers)
             rows = samples.numpy().copy()
             rows[:, (task.roles_L == ABSENT).numpy()] = np.nan if self.served.spec.continuous else -1
