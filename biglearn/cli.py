@@ -19,6 +19,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -242,6 +243,11 @@ def serve(argv: list[str]) -> int:
         "--metrics-port", type=int, default=8080, help="Prometheus endpoint of this node (default: %(default)s)"
     )
     args = parser.parse_args(argv)
+    if not os.environ.get("RAY_ADDRESS"):
+        # A new local Ray of its own: with this flag (read when ray is imported) Ray takes 127.0.0.1 as
+        # the node address, so its agents, the metrics port and its internal servers listen on
+        # loopback instead of every interface (docs/serving.md lists the ports).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         from biglearn.serve.app import DEFAULT_CONFIG, app_from_config, resolved_serve_config
 
@@ -258,7 +264,12 @@ def serve(argv: list[str]) -> int:
 
     from biglearn.data.storage import forwarded_env
 
-    ray.init(_metrics_export_port=args.metrics_port, runtime_env={"env_vars": forwarded_env()})
+    local = not os.environ.get("RAY_ADDRESS")  # else join that cluster
+    ray.init(
+        address="local" if local else None,
+        _metrics_export_port=args.metrics_port,
+        runtime_env={"env_vars": forwarded_env()},
+    )
     # After ray.init, which installs a SIGTERM handler that aborts the process: SIGTERM (a process
     # manager, `ray job stop`, kill) stops us like Ctrl-C, and so does SIGINT when a shell started
     # us in the background (which makes us ignore it).

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from biglearn.model import OUTSIDE_LOGIT
 from biglearn.roles import ABSENT, SOURCE, TARGET
 
 Order = Literal["random", "confidence"]
@@ -72,11 +73,13 @@ def complete(
         if not bool(count_B.any()):
             break
         logits_BLV = model(values_BL, roles_BL)
+        # A table position's tokens of other columns: ruled out at every temperature and guidance.
+        ruled_out_BLV = logits_BLV <= OUTSIDE_LOGIT
         if guided:
             unconditional_GLV = model(values_BL[guided_B], roles_BL[guided_B].masked_fill(given_BL[guided_B], ABSENT))
             logits_BLV = logits_BLV.float()
             logits_BLV[guided_B] = _guide(logits_BLV[guided_B], unconditional_GLV, guidance).float()
-        logits_NV = logits_BLV[remaining_BL].float()
+        logits_NV = logits_BLV[remaining_BL].float().masked_fill(ruled_out_BLV[remaining_BL], float("-inf"))
         if per_row:
             draw_N = _row_uniforms(generator, remaining_BL)[remaining_BL]
             order_N = _row_uniforms(generator, remaining_BL)[remaining_BL]
@@ -125,8 +128,9 @@ def sample_values(logits_NV, generator, temperature, top_k, uniform_N=None):
     With `uniform_N`, the sample is the inverse CDF at that noise instead of a draw from
     `generator`.
 
-    Safe for every temperature > 0 and any finite logits: the logits are shifted so that their
-    largest is 0 and divided in float64, so no temperature turns them into inf - inf."""
+    Safe for every temperature > 0 and any logits with a finite largest one (-inf rules a value
+    out): the logits are shifted so that their largest is 0 and divided in float64, so no
+    temperature turns them into inf - inf."""
     shifted_NV = (logits_NV - logits_NV.amax(-1, keepdim=True)).double()
     scaled_NV = shifted_NV / temperature if temperature > 0 else shifted_NV
     probs_NV = scaled_NV.softmax(-1)

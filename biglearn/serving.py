@@ -25,7 +25,6 @@ Legend: B = rows in a batch, L = positions, P = patch dimension, H/W = image hei
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import hashlib
 import io
@@ -40,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import (
     AllowInfNan,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeFloat,
@@ -255,11 +255,19 @@ class ImageInput(BaseModel):
     )
 
 
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole), Strict()]
+"""An integer as JSON Schema has it: 2 and 2.0 are the same number; "2" and true are not numbers."""
 FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
 KnownValue = StrictInt | FiniteFloat | list[FiniteFloat]
 """A token id, or (generators) a patch of P numbers, a plain number when P = 1."""
 Cell = StrictBool | StrictInt | FiniteFloat | StrictStr
 """A table cell: a number (numeric column), a category's text, or true/false (boolean column)."""
+MAX_SEED = 2**53 - 1
+"""The largest seed: every JSON client holds integers up to 2^53 - 1 exactly."""
 
 
 class CompleteRequest(BaseModel):
@@ -270,24 +278,24 @@ class CompleteRequest(BaseModel):
         json_schema_extra={"examples": [{"values": {"0": 3, "1": 0}, "target": "rest", "num_samples": 2, "seed": 7}]},
     )
 
-    values: list[KnownValue | None] | dict[int, KnownValue] | dict[str, Cell | None] | None = Field(
+    values: list[KnownValue | None] | dict[int, KnownValue | None] | dict[str, Cell | None] | None = Field(
         default=None,
-        description="known values: a full-length list with null for unknown, or {position: value}; "
+        description="known values: a full-length list or {position: value}, null for unknown; "
         "a value is a token id, or for a continuous model a patch of P numbers (a number when P = 1); "
         "a table model takes {column: value} (null = unknown)",
     )
     image: ImageInput | None = None
-    target: Literal["rest"] | list[StrictInt] | list[StrictStr] = Field(
+    target: Literal["rest"] | list[WholeNumber] | list[StrictStr] = Field(
         default="rest",
         description='positions (a table model: column names) to generate, or "rest" = every one not known',
     )
-    num_samples: int = Field(default=1, gt=0, strict=True)
-    seed: int = Field(default=0, ge=0, lt=2**63, strict=True)
+    num_samples: WholeNumber = Field(default=1, gt=0)
+    seed: WholeNumber = Field(default=0, ge=0, le=MAX_SEED)
     temperature: float | None = Field(
         default=None, ge=0, allow_inf_nan=False, strict=True, description="0 takes the most likely value"
     )
-    top_k: int | None = Field(default=None, gt=0, strict=True)
-    steps: int | None = Field(default=None, gt=0, strict=True)
+    top_k: WholeNumber | None = Field(default=None, gt=0)
+    steps: WholeNumber | None = Field(default=None, gt=0)
     order: Order | None = None
     guidance: float | None = Field(
         default=None,
@@ -302,12 +310,15 @@ class CompleteRequest(BaseModel):
 
     @field_validator("values", mode="before")
     @classmethod
-    def _one_value_a_position(cls, values: Any) -> Any:
-        """JSON keys "0" and "00" name the same position: refused rather than one kept."""
+    def _positions_written_plainly(cls, values: Any) -> Any:
+        """A position is written as a whole number without leading zeros ("7", not "07"), so
+        that no two keys name the same position."""
         if isinstance(values, dict):
-            positions = [int(key) for key in values if isinstance(key, str) and key.isdigit()]
-            if len(set(positions)) != len(positions):
-                raise ValueError('values names a position more than once (e.g. "0" and "00")')
+            padded = [key for key in values if isinstance(key, str) and key.isdigit() and key != str(int(key))]
+            if padded:
+                raise ValueError(
+                    f"values: write positions without leading zeros ({padded[0]!r} -> {str(int(padded[0]))!r})"
+                )
         return values
 
 
@@ -417,15 +428,10 @@ def parse_request(request: CompleteRequest, served: ExportedModel, cfg: ServingC
 
 
 def _target_positions(target: Literal["rest"] | list[int] | list[str], known_L: torch.Tensor) -> torch.Tensor:
-    """target_L from "rest" or a list of positions, disjoint from the known ones."""
+    """target_L from "rest" or a list of positions, less the known ones (they keep their values)."""
     length = len(known_L)
     if target == "rest":
-        target_L = ~known_L
-        if not target_L.any():
-            raise RequestError(
-                'target is "rest" but every position is known: leave some unknown or list target positions'
-            )
-        return target_L
+        return ~known_L
     if not target:
         raise RequestError('target is empty: list at least one position, or use "rest"')
     if not all(isinstance(position, int) for position in target):
@@ -435,26 +441,13 @@ def _target_positions(target: Literal["rest"] | list[int] | list[str], known_L: 
         raise RequestError("target lists a position more than once")
     target_L = torch.zeros(length, dtype=torch.bool)
     target_L[positions] = True
-    overlap = torch.nonzero(target_L & known_L)[:, 0].tolist()
-    if overlap:
-        raise RequestError(f"positions {overlap[:10]} are both known and targets: S and T must be disjoint")
-    return target_L
+    return target_L & ~known_L
 
 
 def _table_cells(request: CompleteRequest, table: TableSchema) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """(values_L, known_L, target_L, given cells) of a table model's request by column name."""
     values_L, known_L, given = _table_values(request, table)
-    if request.target == "rest":
-        target_L = ~known_L
-        if not target_L.any():
-            raise RequestError('target is "rest" but every column is given: leave some out or list target columns')
-        return values_L, known_L, target_L, given
-    target_L = _target_columns(request.target, table)
-    both = [name for name in request.target if name in given]
-    if both:
-        raise RequestError(
-            f"column(s) {both[:10]} are both given and targets: leave them out of one of values and target"
-        )
+    target_L = ~known_L if request.target == "rest" else _target_columns(request.target, table) & ~known_L
     return values_L, known_L, target_L, given
 
 
@@ -528,6 +521,7 @@ def _cell(column: TableColumn, value: Any) -> np.ndarray:
         if not isinstance(value, bool):
             raise RequestError(f"{where}: column {column.name!r} is boolean; send true or false")
         return np.array([value], dtype=object)
+    value = _whole(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RequestError(f"{where}: column {column.name!r} is categorical; send one of its categories as text")
     categories = column.categories or []
@@ -571,6 +565,8 @@ def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torc
     else:
         known = {}
         for key, value in (request.values or {}).items():
+            if value is None:  # unknown, as in the list form
+                continue
             if isinstance(key, str) and not key.isdigit():
                 raise RequestError(
                     f"values names column {key!r}, but this model is not a table: send {{position: value}}"
@@ -590,6 +586,7 @@ def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torc
     vocab_size = served.vocab_size
     values_L = torch.zeros(spec.length, dtype=torch.long)
     for position, value in known.items():
+        value = _whole(value)
         if not isinstance(value, int):
             raise RequestError(
                 f"values[{position}] = {value} is not a token id: this model takes whole numbers 0..{vocab_size - 1}"
@@ -648,7 +645,9 @@ def decode_png(data: str, shape: tuple[int, int], vocab_size: int, field: str) -
                     f"{field}: image is {image.size[0]}x{image.size[1]} (WxH); this model takes {shape[1]}x{shape[0]}"
                 )
             grey_HW = np.asarray(image.convert("L"), dtype=np.float64)
-    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
+    except RequestError:
+        raise
+    except (ValueError, UnidentifiedImageError, OSError) as exc:  # binascii.Error is a ValueError
         raise RequestError(f"{field}: not a base64-encoded PNG ({exc})") from None
     top = max(vocab_size - 1, 1)
     return torch.from_numpy(np.rint(grey_HW * (top / 255)).astype(np.int64).reshape(-1))

@@ -10,6 +10,8 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,9 @@ def test_every_cluster_file_is_checked_here():
         "aws.yaml",
         "local.py",
         "Dockerfile",
-        "prometheus.yml",
+        "prometheus/kubernetes.yml",
+        "prometheus/local.yml",
+        "prometheus/vms.yml",
         "kuberay/rayjob-pretrain.yaml",
         "kuberay/rayservice-serve.yaml",
         "grafana/README.md",
@@ -129,7 +133,7 @@ def test_kuberay_auth_autoscaling_and_gpu_workers(name):
     }
     assert len(images) == 1, "every node runs the same image (cluster/Dockerfile)"
     pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-    for pod in pods:  # what the ray-kuberay job of cluster/prometheus.yml scrapes
+    for pod in pods:  # what cluster/prometheus/kubernetes.yml scrapes
         assert pod["rayStartParams"]["metrics-export-port"] == "8080"
         assert {"containerPort": 8080, "name": "metrics"} in pod["template"]["spec"]["containers"][0]["ports"]
 
@@ -181,19 +185,46 @@ def test_dockerfile_uses_the_installed_ray_and_installs_the_project():
 # --- metrics -----------------------------------------------------------------------------------
 
 
-def test_prometheus_scrapes_ray_nodes_on_vms_and_kubernetes():
-    config = yaml.safe_load((CLUSTER / "prometheus.yml").read_text())
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+def test_prometheus_scrapes_ray_nodes_on_vms_kubernetes_and_one_machine():
+    def jobs(name: str) -> dict:
+        config = yaml.safe_load((CLUSTER / "prometheus" / name).read_text())
+        return {job["job_name"]: job for job in config["scrape_configs"]}
+
+    assert jobs("vms.yml")["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
     keep = {
         tuple(r["source_labels"]): r["regex"]
-        for r in jobs["ray-kuberay"]["relabel_configs"]
+        for r in jobs("kubernetes.yml")["ray-kuberay"]["relabel_configs"]
         if r.get("action") == "keep"
     }
     assert keep == {
         ("__meta_kubernetes_pod_label_ray_io_is_ray_node",): "yes",
         ("__meta_kubernetes_pod_container_port_name",): "metrics",
     }
+    # `biglearn serve`'s default metrics port, on loopback where it listens.
+    assert jobs("local.yml")["ray"]["static_configs"] == [{"targets": ["127.0.0.1:8080"]}]
+    # Only the Kubernetes config needs a Prometheus built with Kubernetes discovery.
+    for name in ("vms.yml", "local.yml"):
+        assert "kubernetes_sd_configs" not in (CLUSTER / "prometheus" / name).read_text()
+
+
+@pytest.mark.parametrize("name", ["vms.yml", "kubernetes.yml", "local.yml"])
+def test_each_prometheus_config_loads_in_prometheus(name, tmp_path):
+    """promtool (Prometheus' own checker; Debian's `prometheus` package has it) loads the config
+    as shipped. Debian's build has no Kubernetes discovery, so it cannot load kubernetes.yml."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt install prometheus, or the upstream release)")
+    if name == "vms.yml":  # the discovery file Ray writes; promtool checks that it parses
+        (tmp_path / "sd.json").write_text('[{"labels": {"job": "ray"}, "targets": ["127.0.0.1:8080"]}]')
+    config = (CLUSTER / "prometheus" / name).read_text()
+    (tmp_path / name).write_text(
+        config.replace("/tmp/ray/prom_metrics_service_discovery.json", str(tmp_path / "sd.json"))
+    )
+    check = subprocess.run([promtool, "check", "config", str(tmp_path / name)], capture_output=True, text=True)
+    debian_without_kubernetes = "kubernetes_sd_configs" in check.stderr and "not found" in check.stderr
+    if name == "kubernetes.yml" and debian_without_kubernetes:
+        pytest.skip(f"this promtool has no Kubernetes discovery: {check.stderr.strip()[:200]}")
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def exported_metrics() -> set[str]:

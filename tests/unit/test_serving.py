@@ -18,6 +18,7 @@ from biglearn.config import ConfigError, validate_config
 from biglearn.export import write_export
 from biglearn.generation import complete
 from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
+from biglearn.request_schema import position_pattern, request_schema
 from biglearn.roles import ABSENT, SOURCE, TARGET
 from biglearn.serving import (
     CompleteRequest,
@@ -117,11 +118,9 @@ def test_json_keys_of_the_map_are_positions(served):
         ({"values": {0: [1, 2]}}, "values[0] = [1.0, 2.0] is not a token id"),
         ({"values": {3: -1}}, "values[3] = -1 is outside the vocabulary"),
         ({"values": {L: 1}}, f"positions [{L}] are outside 0..{L - 1}"),
-        ({"values": {0: 1}, "target": [0, 1]}, "positions [0] are both known and targets"),
         ({"values": {0: 1}, "target": []}, "target is empty"),
         ({"values": {0: 1}, "target": [1, 1]}, "more than once"),
         ({"values": {0: 1}, "target": [L + 3]}, "target: positions"),
-        ({"values": list(range(V)) * 3 + [0]}, '"rest" but every position is known'),
         ({"values": {0: 1}, "num_samples": 9}, "at most 8"),
         ({"values": {0: 1}, "steps": 9}, "at most 8"),
         ({"values": {0: 1}, "image": {"png": "x"}}, "not both"),
@@ -132,6 +131,17 @@ def test_bad_requests_say_what_to_fix(served, fields, message):
     with pytest.raises(RequestError) as err:
         task(served, **fields)
     assert message in str(err.value)
+
+
+def test_given_targets_stay_given_and_whole_numbers_may_be_written_as_decimals(served):
+    """JSON Schema reads 2.0 as the integer 2; a position both given and a target keeps its value;
+    null is unknown in both forms of `values`; nothing left to generate returns the given values."""
+    request = CompleteRequest.model_validate_json('{"values": {"0": 3.0, "1": null}, "target": [0, 1], "steps": 2.0}')
+    overlap = parse_request(request, served, CFG)
+    assert overlap.roles_L.tolist()[:2] == [SOURCE, TARGET] and overlap.decoding.steps == 2
+    everything = task(served, values=[1] * L)
+    (samples,) = complete_tasks(served.model, [everything], served.device)
+    assert everything.num_targets == 0 and samples.tolist() == [[1] * L]
 
 
 @pytest.mark.parametrize(
@@ -146,11 +156,13 @@ def test_bad_requests_say_what_to_fix(served, fields, message):
         '{"values": {"0": 1}, "guidance": 1e308}',  # beyond what decoding keeps finite
         '{"values": {"0": 1}, "num_samples": "2"}',  # numbers are numbers, as in `values`
         '{"values": {"0": 1}, "seed": "7"}',
-        '{"values": {"0": 1}, "steps": 2.0}',
+        '{"values": {"0": 1}, "steps": 2.5}',
+        '{"values": {"0": 1}, "steps": true}',
         '{"values": {"0": 1}, "temperature": "1.5"}',
         '{"values": {"0": 1}, "return_png": "yes"}',
         '{"values": {"0": 1}, "return_png": 0}',
         '{"values": {"0": 1, "00": 2}}',  # one position twice
+        '{"values": {"07": 2}}',  # positions are written plainly
     ],
 )
 def test_schema_refuses_malformed_fields(body):
@@ -403,8 +415,6 @@ def test_generator_with_one_number_per_position_answers_numbers(tmp_path):
         ({"values": {0: [1.0, 2.0]}, "temperature": 0.5, "top_k": 2}, "temperature, top_k: this model"),
         ({"values": {0: [1.0, 2.0]}, "guidance": 1.0}, "guidance: this model is a BigLearn-GAN generator"),
         ({"values": {0: [1.0, 2.0]}, "return_png": True}, "not the pixels of an image"),
-        ({"values": {0: [1.0, 2.0]}, "target": [0]}, "both known and targets"),
-        ({"values": [[1.0, 2.0]] * GL}, "every position is known"),
     ],
 )
 def test_bad_generator_requests_say_what_to_fix(served_generator, fields, message):
@@ -485,12 +495,10 @@ def test_a_table_model_lists_its_columns_and_answers_by_column_name(table_model)
             "values['city'] = \"Rome\": not a category of column 'city'; it has Lima, Oslo, Pune",
         ),
         ({"values": {"city": 2.5}}, "column 'city' is categorical"),
-        ({"values": {"age": 42}, "target": ["age", "city"]}, "column(s) ['age'] are both given and targets"),
         ({"values": {"age": 42}, "target": ["city", "city"]}, "target lists a column more than once"),
         ({"values": {"age": 42}, "target": [1]}, "this model is a table; list column names"),
         ({"values": {"age": 42}, "target": []}, "target is empty"),
         ({"values": [1, 2, 3, 4]}, "values: this model is a table; send values as {column: value}"),
-        ({"values": {"age": 42, "income": 1.0, "city": "Lima", "smoker": False}}, '"rest" but every column is given'),
     ],
 )
 def test_table_requests_that_cannot_be_answered_say_what_to_fix(table_model, body, message):
@@ -501,3 +509,108 @@ def test_table_requests_that_cannot_be_answered_say_what_to_fix(table_model, bod
 def test_a_non_finite_table_value_is_refused_by_the_schema():
     with pytest.raises(ValidationError):
         CompleteRequest.model_validate_json('{"values": {"income": NaN}}')
+
+
+# --- the published request schema ---------------------------------------------------------------
+
+
+def accepted(served: ExportedModel, body: str, cfg: ServingConfig = CFG) -> bool:
+    try:
+        parse_request(CompleteRequest.model_validate_json(body), served, cfg)
+    except (ValidationError, RequestError):
+        return False
+    return True
+
+
+def valid(served: ExportedModel, body: str, cfg: ServingConfig = CFG) -> bool:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(request_schema(served, cfg)).is_valid(json.loads(body))
+
+
+TOKEN_BODIES = [
+    "{}",
+    '{"values": {"0": 3, "5": null}, "target": [1, 2], "num_samples": 8, "steps": 8}',
+    '{"values": {"0": 3}, "target": [0, 1], "seed": 9007199254740991, "top_k": 1000}',
+    f'{{"values": {json.dumps([1] * L)}}}',
+    f'{{"values": {json.dumps([1] * (L - 1))}}}',
+    '{"values": {"0": 17}}',
+    f'{{"values": {{"{L}": 1}}}}',
+    '{"values": {"01": 1}}',
+    '{"values": {"0": 1.5}}',
+    '{"num_samples": 9}',
+    '{"steps": 9}',
+    '{"seed": 9007199254740992}',
+    '{"target": []}',
+    '{"target": [1, 1]}',
+    '{"values": {"0": 1}, "image": {"png": "AAAA"}}',
+    '{"return_png": true, "temperature": 0, "guidance": 1000000, "order": "confidence"}',
+    '{"guidance": 1000001}',
+    '{"colour": "red"}',
+]
+
+
+@pytest.mark.parametrize("body", TOKEN_BODIES)
+def test_the_published_schema_accepts_exactly_what_the_server_accepts(served, body):
+    assert valid(served, body) == accepted(served, body), request_schema(served, CFG)["properties"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"values": {"age": 42, "city": 3, "smoker": null}, "target": ["income", "age"]}',
+        '{"values": {"city": "Lima", "smoker": false}, "target": "rest", "temperature": 1e300}',
+        '{"values": {"city": "Rome"}}',
+        '{"values": {"smoker": 1}}',
+        '{"values": {"weight": 1}}',
+        '{"target": ["age", "age"]}',
+        '{"values": [1, 2, 3, 4]}',
+        '{"return_png": true}',
+    ],
+)
+def test_a_table_models_schema_names_its_columns_and_categories(table_model, body):
+    assert valid(table_model, body) == accepted(table_model, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"values": {"0": [1, 2], "1": null}, "num_samples": 8}',
+        '{"values": {"0": [1, 2]}, "steps": 4}',
+        '{"values": {"0": [1, 2]}, "steps": null}',
+        '{"values": {"0": 1}}',
+        '{"image": null, "return_png": false}',
+    ],
+)
+def test_a_generators_schema_takes_patches_and_no_decoding(served_generator, body):
+    assert valid(served_generator, body) == accepted(served_generator, body)
+
+
+@pytest.mark.parametrize("default_guidance", [0.0, 2.0])
+@pytest.mark.parametrize("num_samples", [2, 3, 4, 5])
+@pytest.mark.parametrize("guidance", [None, 0, 1])
+def test_the_token_budget_bounds_num_samples_by_guidance(served, default_guidance, num_samples, guidance):
+    """With guidance every row is decoded twice: the schema says so with if/then/else."""
+    cfg = ServingConfig(
+        limits={"max_num_samples": 8, "max_tokens_per_request": 4 * L}, decoding={"guidance": default_guidance}
+    )
+    body = json.dumps({"num_samples": num_samples} | ({} if guidance is None else {"guidance": guidance}))
+    assert valid(served, body, cfg) == accepted(served, body, cfg)
+
+
+def test_position_patterns_match_exactly_the_positions():
+    for length in (1, 9, 10, 64, 101, 784, 16384):
+        pattern = re.compile(position_pattern(length))
+        matched = [n for n in range(20000) if pattern.fullmatch(str(n))]
+        assert matched == list(range(length)), length
+        assert not any(pattern.fullmatch(text) for text in ("00", "01", "-1", "", "1.0"))
+
+
+def test_a_table_model_never_samples_another_columns_tokens(table_model):
+    """At a huge temperature every token is nearly equally likely: the other columns' tokens
+    must still be ruled out, or decoding a cell fails."""
+    hot = parse_request(CompleteRequest(temperature=1e300, num_samples=8), table_model, CFG)
+    (samples,) = complete_tasks(table_model.model, [hot], table_model.device)
+    ranges = torch.tensor(table_model.table.position_vocab)
+    assert ((samples >= ranges[:, 0]) & (samples < ranges[:, 1])).all()
+    assert len(respond(hot, samples, table_model).samples) == 8
