@@ -234,7 +234,12 @@ def test_model_card_health_and_docs(server, export):
     assert form.status_code == 415 and "content-type: application/json" in form.json()["detail"]
     assert requests.get(f"{base}/-/healthz", timeout=10).status_code == 200
     assert "/v1/complete" in requests.get(f"{base}/openapi.json", timeout=10).json()["paths"]
-    assert requests.get(f"{base}/docs", timeout=10).status_code == 200
+    docs = requests.get(f"{base}/docs", timeout=10)
+    assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
+    assert all(url.startswith("/") for url in re.findall(r'(?:src|href)="([^"]+)"', docs.text)), "no CDN"
+    script = requests.get(f"{base}/docs/assets/swagger-ui-bundle.js", timeout=10)
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert requests.get(f"{base}/docs/assets/secrets.txt", timeout=10).status_code == 404
 
 
 def schemathesis_run(base: str, max_examples: int, tmp_path: Path, png_shape: tuple[int, int] | None = None) -> Counter:
@@ -246,7 +251,7 @@ def schemathesis_run(base: str, max_examples: int, tmp_path: Path, png_shape: tu
     command = [str(Path(sys.executable).with_name("st")), "run", f"{base}/openapi.json", "--url", base]
     command += ["--checks", "all", "--max-examples", str(max_examples), "--seed", "1", "--workers", "2"]
     command += ["--request-timeout", "30", "--report", "ndjson", "--report-dir", str(tmp_path)]
-    run = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     cases: Counter = Counter()
     for line in next(tmp_path.glob("ndjson-*")).read_text().splitlines():

@@ -160,8 +160,10 @@ def test_rayservice_runs_serve_app_with_valid_settings_and_auth_in_front():
     source = REPO / (module.replace(".", "/") + ".py")
     assert function in {f.name for f in ast.parse(source.read_text()).body if isinstance(f, ast.FunctionDef)}
     settings = ServingConfig.model_validate(application["args"]["settings"])
-    (deployment,) = application["deployments"]
-    assert deployment["max_ongoing_requests"] >= settings.batching.max_batch_rows
+    deployments = {d["name"]: d for d in application["deployments"]}
+    assert set(deployments) == {"Gateway", "Completer"}  # the names build_app binds
+    assert deployments["Completer"]["max_ongoing_requests"] >= settings.batching.max_batch_rows
+    assert application["logging_config"]["enable_access_log"] is False
     assert application["args"]["export"].startswith("s3://")
 
     # Serve listens on the pod address; only the authenticating gateway may reach its port.
