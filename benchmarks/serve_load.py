@@ -5,7 +5,8 @@
     python benchmarks/serve_load.py --export runs/digits-quick/export --requests 300
     python benchmarks/serve_load.py --gpu                    # the replica and the in-process call on one GPU
 
-One local Ray, one replica (1 CPU, 1 torch thread, access log off; with --gpu also 1 GPU), loopback only. For each concurrency, that
+One local Ray, one Completer replica behind the gateway (1 CPU, 1 torch thread, access log off;
+with --gpu also 1 GPU), loopback only. For each concurrency, that
 many asyncio clients send half-image completions (top half given, 16 decoding steps) until
 --requests are answered or --seconds pass. The in-process rows run the same requests through
 biglearn.serving directly, `concurrency` of them per model call (perfect batching, no HTTP).

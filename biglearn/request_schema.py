@@ -13,6 +13,7 @@ the given values.
 
 from __future__ import annotations
 
+import re
 from typing import Any, get_args
 
 from biglearn.data.table import TableColumn
@@ -23,6 +24,7 @@ PNG_FORMAT = "png-base64"
 """The `format` of PNG strings: base64 of a greyscale PNG of the model's height x width."""
 
 NULL: dict[str, Any] = {"type": "null"}
+WHOLE_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)")
 
 
 def request_schema(served: ExportedModel, cfg: ServingConfig) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def _cell(column: TableColumn) -> dict[str, Any]:
         return {"type": "boolean"}
     categories = list(column.categories or [])
     # A category that reads as a whole number may also be sent as that number.
-    return {"enum": categories + [int(c) for c in categories if c.lstrip("-").isdigit() and str(int(c)) == c]}
+    return {"enum": categories + [int(c) for c in categories if WHOLE_NUMBER.fullmatch(c)]}
 
 
 def _image_field(served: ExportedModel) -> dict[str, Any]:
@@ -158,17 +160,16 @@ def _guidance_bound(served: ExportedModel, cfg: ServingConfig) -> dict[str, Any]
     unguided, guided = _most_samples(served, cfg, 1), _most_samples(served, cfg, 2)
     if served.spec.continuous or guided == unguided:
         return {}
-    guidance_given = {"required": ["guidance"], "properties": {"guidance": {"type": "number"}}}
     if cfg.decoding.guidance > 0:  # guided unless a request sets guidance to 0
-        condition = guidance_given | {"properties": {"guidance": {"const": 0}}}
-        low, high = unguided, guided
+        given = {"const": 0}
+        if_given, otherwise = unguided, guided
     else:
-        condition = guidance_given | {"properties": {"guidance": {"type": "number", "exclusiveMinimum": 0}}}
-        low, high = guided, unguided
+        given = {"type": "number", "exclusiveMinimum": 0}
+        if_given, otherwise = guided, unguided
     return {
-        "if": condition,
-        "then": {"properties": {"num_samples": {"maximum": low}}},
-        "else": {"properties": {"num_samples": {"maximum": high}}},
+        "if": {"required": ["guidance"], "properties": {"guidance": given}},
+        "then": {"properties": {"num_samples": {"maximum": if_given}}},
+        "else": {"properties": {"num_samples": {"maximum": otherwise}}},
     }
 
 

@@ -278,7 +278,7 @@ class CompleteRequest(BaseModel):
         json_schema_extra={"examples": [{"values": {"0": 3, "1": 0}, "target": "rest", "num_samples": 2, "seed": 7}]},
     )
 
-    values: list[KnownValue | None] | dict[int, KnownValue | None] | dict[str, Cell | None] | None = Field(
+    values: list[KnownValue | None] | dict[int | str, KnownValue | Cell | None] | None = Field(
         default=None,
         description="known values: a full-length list or {position: value}, null for unknown; "
         "a value is a token id, or for a continuous model a patch of P numbers (a number when P = 1); "
@@ -457,12 +457,13 @@ def _table_values(request: CompleteRequest, table: TableSchema) -> tuple[torch.T
     if request.image is not None or isinstance(request.values, list):
         field = "image" if request.image is not None else "values"
         raise RequestError(f"{field}: this model is a table; send values as {{column: value}} with columns {names}")
-    given = {str(name): value for name, value in (request.values or {}).items() if value is not None}
-    unknown = [name for name in given if name not in names]
+    named = {str(name): value for name, value in (request.values or {}).items()}
+    unknown = [name for name in named if name not in names]
     if unknown:
         raise RequestError(
             f"values names column(s) {unknown[:10]} that this model does not have; its columns are {names}"
         )
+    given = {name: value for name, value in named.items() if value is not None}
     cells = {column.name: _cell(column, given.get(column.name)) for column in table.columns}
     known_L = torch.tensor([name in given for name in names])
     values_L = torch.from_numpy(encode(table, cells)[0].astype(np.int64))
@@ -516,7 +517,7 @@ def _cell(column: TableColumn, value: Any) -> np.ndarray:
     if column.type == "numeric":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(f"{where}: column {column.name!r} is numeric; send a number")
-        return np.array([float(value)])
+        return np.array([_finite(value, where)])
     if column.type == "boolean":
         if not isinstance(value, bool):
             raise RequestError(f"{where}: column {column.name!r} is boolean; send true or false")
@@ -565,8 +566,6 @@ def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torc
     else:
         known = {}
         for key, value in (request.values or {}).items():
-            if value is None:  # unknown, as in the list form
-                continue
             if isinstance(key, str) and not key.isdigit():
                 raise RequestError(
                     f"values names column {key!r}, but this model is not a table: send {{position: value}}"
@@ -575,6 +574,7 @@ def _known_values(request: CompleteRequest, served: ExportedModel) -> tuple[torc
                 raise RequestError(f"values[{key}] = {json.dumps(value)} is neither a token id nor a number")
             known[int(key)] = value
         _positions(list(known), spec.length, "values")
+        known = {position: value for position, value in known.items() if value is not None}  # null: unknown
     known_L = torch.zeros(spec.length, dtype=torch.bool)
     known_L[list(known)] = True
     if spec.continuous:
@@ -602,7 +602,15 @@ def _patch(value: int | float | list[float], position: int, patch_dim: int) -> l
     if len(patch) != patch_dim:
         shape = "one number" if patch_dim == 1 else f"a list of {patch_dim} numbers (one patch)"
         raise RequestError(f"values[{position}] has {len(patch)} numbers; each known value of this model is {shape}")
-    return [float(x) for x in patch]
+    return [_finite(x, f"values[{position}]") for x in patch]
+
+
+def _finite(number: float, where: str) -> float:
+    """A JSON number as a float; an integer beyond the float range is refused."""
+    try:
+        return float(number)
+    except OverflowError:
+        raise RequestError(f"{where}: {number} is beyond the range of a float") from None
 
 
 def _positions(positions: list[int], length: int, field: str) -> list[int]:

@@ -19,6 +19,7 @@ model follows: its request schema is narrowed to the export and the limits
 # resolve their annotations (Request, the schemas) in the replica.
 import asyncio
 import copy
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,7 @@ RETRY_AFTER_S = 1
 ATTEMPTS = 2
 """Tries of one request on the model replicas: a lost replica's requests are sent once more."""
 SWAGGER_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
+log = logging.getLogger("biglearn.serve")
 
 # --- metrics --------------------------------------------------------------------------------
 # Exported as ray_biglearn_* by Ray's metrics agent (counters end in _total). Ray's exporter
@@ -247,7 +249,11 @@ async def limit_and_count(request: Request, call_next):
             415, f"content type is {given}; send JSON with content-type: application/json", "unsupported_media_type"
         )
     else:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # answered here, so that it is counted like every other answer
+            log.exception("request failed")
+            response = problem(500, "the server failed to answer; its log says why", "internal_error")
     if metrics is not None:
         seconds = time.perf_counter() - started
         metrics.requests.inc(tags={"route": route, "status": str(response.status_code)})
@@ -303,11 +309,6 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     response = problem(exc.status_code, str(exc.detail), HTTPStatus(exc.status_code).name.lower())
     response.headers.update(exc.headers or {})
     return response
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    return problem(500, "the server failed to answer; its log says why", "internal_error")
 
 
 def _describe(err: dict) -> str:
@@ -376,7 +377,7 @@ class Gateway:
             except BackPressureError:
                 return problem(503, "every model replica is busy: retry after a second", "overloaded", retry_after=True)
             except DeploymentUnavailableError:
-                return problem(503, "no model replica is running yet: retry shortly", "unavailable", retry_after=True)
+                return problem(503, "the model deployment failed to start; the Serve logs say why", "unavailable")
             except RayActorError:
                 if attempt + 1 < ATTEMPTS:
                     self.metrics.retried.inc()
@@ -416,7 +417,11 @@ class Gateway:
         contract = await self._card_and_schema()
         if isinstance(contract, JSONResponse):
             return contract
-        return JSONResponse(openapi_document(request.app.openapi(), contract))
+        document = openapi_document(request.app.openapi(), contract)
+        root = request.scope.get("root_path", "").rstrip("/")
+        if root:  # served under a route prefix: clients (and /docs) call the routes there
+            document["servers"] = [{"url": root}]
+        return JSONResponse(document)
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> Response:

@@ -88,8 +88,8 @@ def server(export):
     serve.shutdown()
 
 
-# What the main app's replicas answered on /v1/complete, by status, as the clients saw it (the
-# proxy's own 503s for backpressure never reach a replica). Side apps are deployed by some tests.
+# What the main app answered on /v1/complete, by status, as the clients saw it; 503s are left
+# out (how many a burst gets varies). Side apps are deployed by some tests.
 SIDE_APPS = ("/broken", "/gan", "/table", "/contract")
 ANSWERED: Counter = Counter()
 _answered_lock = threading.Lock()

@@ -161,7 +161,7 @@ def test_given_targets_stay_given_and_whole_numbers_may_be_written_as_decimals(s
         '{"values": {"0": 1}, "temperature": "1.5"}',
         '{"values": {"0": 1}, "return_png": "yes"}',
         '{"values": {"0": 1}, "return_png": 0}',
-        '{"values": {"0": 1, "00": 2}}',  # one position twice
+        '{"values": {"0": 1, "00": 2}}',  # positions are written without leading zeros
         '{"values": {"07": 2}}',  # positions are written plainly
     ],
 )
@@ -547,6 +547,10 @@ TOKEN_BODIES = [
     '{"return_png": true, "temperature": 0, "guidance": 1000000, "order": "confidence"}',
     '{"guidance": 1000001}',
     '{"colour": "red"}',
+    '{"values": {"63": null}}',
+    '{"values": {"999": null}}',
+    '{"values": {"+1": 1}}',
+    '{"values": {" 1": 1}}',
 ]
 
 
@@ -563,6 +567,8 @@ def test_the_published_schema_accepts_exactly_what_the_server_accepts(served, bo
         '{"values": {"city": "Rome"}}',
         '{"values": {"smoker": 1}}',
         '{"values": {"weight": 1}}',
+        '{"values": {"weight": null}}',
+        '{"values": {"age": 1e300, "income": 100000000000000000000000000000000000000000000}}',
         '{"target": ["age", "age"]}',
         '{"values": [1, 2, 3, 4]}',
         '{"return_png": true}',
