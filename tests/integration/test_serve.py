@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,23 @@ def server(export):
 SIDE_APPS = ("/broken", "/gan", "/table", "/contract")
 ANSWERED: Counter = Counter()
 _answered_lock = threading.Lock()
+
+
+@contextmanager
+def side_app(export, name: str):
+    """`export` served as its own application at /<name> (one small replica) while the block runs."""
+    from ray import serve
+
+    app, _, _ = app_from_config(
+        export=str(export),
+        overrides=SETTINGS,
+        deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+    )
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    try:
+        yield
+    finally:
+        serve.delete(name)
 
 
 def post(base: str, body, timeout: float = 60) -> requests.Response:
@@ -268,26 +286,15 @@ def test_schemathesis_finds_nothing_against_the_published_contract(server, expor
     answered (so the schema must hold every limit of this model), invalid ones refused with a
     documented 4xx in the documented error body. Served as a side app: its requests stay out of
     the main app's metrics."""
-    from ray import serve
-
     base, _ = server
-    app, _, _ = app_from_config(
-        export=str(export),
-        overrides=SETTINGS,
-        deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-    )
-    serve.run(app, name="contract", route_prefix="/contract")
-    try:
+    with side_app(export, "contract"):
         cases = schemathesis_run(f"{base}/contract", 200, tmp_path, png_shape=(8, 8))
-    finally:
-        serve.delete("contract")
     assert set(cases) == {"POST /v1/complete", "GET /v1/model", "GET /v1/health", "HEAD /v1/health"}
     assert cases["POST /v1/complete"] >= 200
 
 
 def test_health_fails_for_an_export_that_cannot_serve(server, export, tmp_path):
     """An export whose weights compute NaN loads, but must not be reported healthy or used."""
-    from ray import serve
     from safetensors.torch import load_file
 
     from biglearn.model import ModelSpec
@@ -296,38 +303,22 @@ def test_health_fails_for_an_export_that_cannot_serve(server, export, tmp_path):
     state = {k: torch.full_like(v, float("nan")) for k, v in load_file(export / "model.safetensors").items()}
     spec = ModelSpec.model_validate_json((export / "model.json").read_text())
     write_export(tmp_path, state, spec, json.loads((export / "manifest.json").read_text()), {})
-    app, _, _ = app_from_config(
-        export=str(tmp_path),
-        overrides=SETTINGS,
-        deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-    )
-    serve.run(app, name="broken", route_prefix="/broken")
-    try:
+    with side_app(tmp_path, "broken"):
         health = requests.get(f"{base}/broken/v1/health", timeout=10)
         assert health.status_code == 503 and "not finite" in health.json()["detail"]
         assert post(f"{base}/broken", {"values": {"0": 1}}).status_code == 503
-    finally:
-        serve.delete("broken")
     assert requests.get(f"{base}/v1/health", timeout=10).status_code == 200
 
 
 def test_a_gan_export_serves_one_pass_samples_of_numbers(server, tmp_path):
     """A BigLearn-GAN export (a 2-D generator like the 25-GMM one, one number per position)."""
-    from ray import serve
-
     from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
 
     base, _ = server
     spec = ModelSpec(model=ModelConfig(d_model=32, num_layers=1, num_heads=2), length=2, patch_dim=1, noise_dim=4)
     manifest = {"name": "gmm25", "kind": "continuous", "length": 2, "patch_dim": 1}
     write_export(tmp_path, UniversalTransformer(spec).state_dict(), spec, manifest, {})
-    app, _, _ = app_from_config(
-        export=str(tmp_path),
-        overrides=SETTINGS,
-        deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-    )
-    serve.run(app, name="gan", route_prefix="/gan")
-    try:
+    with side_app(tmp_path, "gan"):
         card = requests.get(f"{base}/gan/v1/model", timeout=10).json()
         assert (card["kind"], card["length"], card["patch_dim"], card["vocab_size"], card["png"]) == (
             "continuous",
@@ -348,14 +339,11 @@ def test_a_gan_export_serves_one_pass_samples_of_numbers(server, tmp_path):
         assert post(f"{base}/gan", '{"values": {"1": NaN}}').status_code == 422
         (tmp_path / "schemathesis").mkdir()
         schemathesis_run(f"{base}/gan", 100, tmp_path / "schemathesis")
-    finally:
-        serve.delete("gan")
 
 
 def test_a_table_export_is_asked_and_answers_by_column_name(server, tmp_path):
     """A model of a table (untrained): typed values by column name in, typed values by column out."""
     import numpy as np
-    from ray import serve
 
     base, _ = server
     rng = np.random.default_rng(0)
@@ -365,13 +353,7 @@ def test_a_table_export_is_asked_and_answers_by_column_name(server, tmp_path):
         "income": rng.lognormal(10, 1, 100),
     }
     write_table_export(tmp_path, table, {"age": "numeric", "sex": "categorical", "income": "numeric"}, bins=4)
-    app, _, _ = app_from_config(
-        export=str(tmp_path),
-        overrides=SETTINGS,
-        deployment={**DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
-    )
-    serve.run(app, name="table", route_prefix="/table")
-    try:
+    with side_app(tmp_path, "table"):
         card = requests.get(f"{base}/table/v1/model", timeout=10).json()
         assert [(c["name"], c["type"]) for c in card["columns"]] == [
             ("age", "numeric"),
@@ -401,8 +383,6 @@ def test_a_table_export_is_asked_and_answers_by_column_name(server, tmp_path):
         )
         (tmp_path / "schemathesis").mkdir()
         schemathesis_run(f"{base}/table", 100, tmp_path / "schemathesis")
-    finally:
-        serve.delete("table")
 
 
 # --- bad input and overload ------------------------------------------------------------------------
