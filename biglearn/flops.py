@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from biglearn.model import ModelSpec
-from biglearn.roles import ABSENT
+from biglearn.model import ModelSpec, pack_index
 
 
 def attended_length(spec: ModelSpec, roles_BL: torch.Tensor) -> int:
     """K: the positions each row's blocks attend over (the pack_index rule), plus a critic's class slot."""
-    kept = roles_BL.shape[1]
-    if spec.model.drop_absent:
-        count_B = (roles_BL != ABSENT).sum(1)
-        kept = int(count_B.max()) if bool((roles_BL == ABSENT).any()) else kept
+    keep_BK = pack_index(roles_BL)[0] if spec.model.drop_absent else None
+    kept = roles_BL.shape[1] if keep_BK is None else keep_BK.shape[1]
     return kept + (1 if spec.critic else 0)
 
 
