@@ -54,12 +54,41 @@ def tiny_overrides(data: str, storage: str | Path, name: str, *extra: str) -> li
     ]
 
 
+def start_local_ray(metrics_port: bool = False) -> None:
+    """Starts a two-CPU local Ray, trying twice: on a loaded 2-core machine its raylet has once
+    failed to register within Ray's fixed 30 s, failing a whole module. The first failure's
+    raylet.err is printed, and the processes that start left behind are killed first
+    (those started before, such as the S3 server, are kept)."""
+    import psutil
+    import ray
+
+    for attempt in (1, 2):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                **({"_metrics_export_port": free_port()} if metrics_port else {}),
+            )
+            return
+        except Exception as error:
+            if attempt == 2 or "timed out during startup" not in str(error):
+                raise
+            raylet_err = Path("/tmp/ray/session_latest/logs/raylet.err")
+            tail = raylet_err.read_text(errors="replace")[-2000:] if raylet_err.exists() else "(none)"
+            print(f"Ray did not start ({error}); its raylet.err ends with:\n{tail}\nTrying once more.")
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in before:
+                    child.kill()
+            ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray for one test module (training tests start TorchTrainers on it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

@@ -21,7 +21,7 @@ from biglearn.data.manifest import read_manifest, read_split
 from biglearn.data.storage import fetch_folder, list_files, read_bytes, read_tagged, write_if
 from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, complete_tasks, parse_request
 from biglearn.train.run import pretrain
-from tests.integration.conftest import tiny_config
+from tests.integration.conftest import start_local_ray, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def ray_with_s3(s3_server):
     """Ray started after the AWS settings are in place, so its workers share them."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    start_local_ray()
     yield s3_server
     ray.shutdown()
 

@@ -25,7 +25,7 @@ from biglearn.serve.app import app_from_config
 from biglearn.serving import decode_png
 from biglearn.train.run import pretrain
 from tests.exports import write_table_export
-from tests.integration.conftest import free_port, tiny_config, wait_for
+from tests.integration.conftest import free_port, start_local_ray, tiny_config, wait_for
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,11 +65,7 @@ def export(digits, tmp_path_factory) -> Path:
         "train.log_every=5",
         "train.checkpoint_every=10",
     )
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _metrics_export_port=free_port(),
-    )
+    start_local_ray(metrics_port=True)
     yield Path(pretrain(cfg).export)
     ray.shutdown()
 
