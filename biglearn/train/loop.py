@@ -27,9 +27,10 @@ import torch.distributed as dist
 from biglearn.data.manifest import MISSING, Manifest
 from biglearn.data.storage import append_bytes, is_s3, join, resolve, write_bytes
 from biglearn.export import write_export
+from biglearn.flops import peak_flops
 from biglearn.roles import sample_roles, task_seed, without_missing
 from biglearn.train.config import Fault, PretrainConfig
-from biglearn.train.engine import full_state_dict
+from biglearn.train.engine import all_sum, cpu_bf16, full_state_dict
 from biglearn.train.ingest import resumable_batches
 from biglearn.train.progress import Progress, log
 from biglearn.train.steps import TrainingStep, seeded_generator, training_step
@@ -58,6 +59,7 @@ def train_loop_per_worker(payload: dict) -> None:
         cfg.train.steps,
         state["step"],
         cfg.optim.batch_size,
+        peak_flops=run_peak_flops(cfg, device, rank),
         enabled=rank == 0,
         run=cfg.run.name,
         tensorboard_dir=tensorboard_dir,
@@ -84,8 +86,8 @@ def train_loop_per_worker(payload: dict) -> None:
                 continue
             state["step"] = step
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                stats_F2, extra = trainer.take_window()
-                record = progress.log(step, stats_F2, trainer.learning_rate(), extra)
+                stats_F2, flops, extra = trainer.take_window()
+                record = progress.log(step, stats_F2, flops, trainer.learning_rate(), extra)
                 trainer.annotate(record, state["history"])
                 state["history"].append(record)
                 if rank == 0:
@@ -106,6 +108,20 @@ def worker_setup(payload: dict) -> tuple[PretrainConfig, Manifest, int, torch.de
     if not on_gpu:
         torch.set_num_threads(cfg.torch_threads())
     return cfg, manifest, rank, device, on_gpu
+
+
+def run_peak_flops(cfg: PretrainConfig, device: torch.device, rank: int) -> float:
+    """The FLOP/s of all ranks' devices together (a collective): what MFU is measured against.
+    Every rank measures its own at once (on CPUs a matmul probe, so ranks that share a machine
+    share it as training does)."""
+    bf16 = cfg.train.precision != "fp32" if device.type == "cuda" else cpu_bf16(cfg.train.precision)
+    peak, source = peak_flops(device, bf16)
+    total = all_sum(torch.tensor([peak], dtype=torch.float64, device=device)).item()
+    if rank == 0:
+        log.info(
+            f"[biglearn] MFU counts from {total / 1e9:.4g} GFLOP/s: the ranks' devices together (rank 0: {source})"
+        )
+    return total
 
 
 def write_history(cfg: PretrainConfig, history: list[dict], appended: bool = False) -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from biglearn.data.manifest import Manifest, read_split
+from biglearn.flops import adversarial_step_flops, training_flops
 from biglearn.gan import (
     critic_at_chance,
     critic_loss,
@@ -79,6 +80,7 @@ class TrainingStep:
     def __init__(self, cfg: PretrainConfig, manifest: Manifest, rank: int, device: torch.device):
         self.cfg, self.manifest, self.rank, self.device = cfg, manifest, rank, device
         self.window_F2 = torch.zeros(len(FAMILIES), 2, device=device)
+        self.window_flops = 0.0  # the model FLOPs this rank trained over the window (biglearn/flops.py)
 
     def micro_step(
         self,
@@ -92,12 +94,14 @@ class TrainingStep:
     ) -> None:
         raise NotImplementedError
 
-    def take_window(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """(per-family loss sums [F, 2], further named means) over the window, summed over all
-        ranks (a collective); the window starts again."""
+    def take_window(self) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """(per-family loss sums [F, 2], model FLOPs, further named means) over the window,
+        summed over all ranks (a collective); the window starts again."""
         stats_F2 = all_sum(self.window_F2)
+        flops = all_sum(torch.tensor([self.window_flops], dtype=torch.float64, device=self.device)).item()
         self.window_F2.zero_()
-        return stats_F2, {}
+        self.window_flops = 0.0
+        return stats_F2, flops, {}
 
     def annotate(self, record: dict, history: list[dict]) -> None:
         """Adds to a progress record before it joins the history (which holds the earlier ones)."""
@@ -158,6 +162,7 @@ class LikelihoodStep(TrainingStep):
         engine.backward(guard(loss))
         engine.step()
         self.window_F2 += stats_F2
+        self.window_flops += training_flops(self.export_spec, roles_BL)
 
     def scores(self, weights):
         cfg = self.cfg
@@ -184,10 +189,13 @@ class AdversarialStep(TrainingStep):
     def __init__(self, cfg: PretrainConfig, manifest: Manifest, rank: int, device: torch.device, on_gpu: bool):
         super().__init__(cfg, manifest, rank, device)
         memory = retrieval_memory(cfg, manifest)
-        self.export_spec, critic_spec = gan_specs(cfg, manifest, 0 if memory is None else len(memory))
+        self.export_spec, self.critic_spec = gan_specs(cfg, manifest, 0 if memory is None else len(memory))
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.engines = {}
-        for name, spec, lr in (("generator", self.export_spec, None), ("critic", critic_spec, cfg.gan.critic_lr)):
+        for name, spec, lr in (
+            ("generator", self.export_spec, None),
+            ("critic", self.critic_spec, cfg.gan.critic_lr),
+        ):
             model = UniversalTransformer(spec)
             if model.memory is not None:
                 assert memory is not None  # read when the model retrieves
@@ -244,14 +252,17 @@ class AdversarialStep(TrainingStep):
         g_engine.step()
 
         self.window_F2 += family_stats(g_loss_B, family_B)
+        self.window_flops += adversarial_step_flops(
+            self.export_spec, self.critic_spec, task.generator_roles_BL, task.critic_roles_BL, r1=gan.r1_weight > 0
+        )
         examples = torch.tensor(float(len(values)), device=self.device)
         self.critic_3 += torch.stack([critic.adversarial_B.sum(), critic.r1_B.sum(), examples])
 
     def take_window(self):
-        stats_F2, _ = super().take_window()
+        stats_F2, flops, _ = super().take_window()
         adversarial, r1, count = all_sum(self.critic_3).tolist()
         self.critic_3.zero_()
-        return stats_F2, {"critic": adversarial / count, "r1": r1 / count}
+        return stats_F2, flops, {"critic": adversarial / count, "r1": r1 / count}
 
     def annotate(self, record, history) -> None:
         record["critic_at_chance"] = critic_at_chance(record["critic"])

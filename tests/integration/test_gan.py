@@ -88,7 +88,8 @@ def test_killed_gan_run_resumes_to_the_same_weights_as_an_uninterrupted_one(ray_
 
     # Steps 7-8 after the restart must see the same critic, optimizer moments, LR schedule,
     # tasks, noise and data as without it: any of them missing would move the generator.
-    for key in ("loss", "critic", "r1", "families"):
+    assert all(record["flops"] > 0 and 0 < record["mfu"] < 1 for record in history)
+    for key in ("loss", "critic", "r1", "families", "flops"):
         assert [record[key] for record in history] == [
             record[key] for record in metrics_history(straight.run_folder)
         ], key

@@ -63,6 +63,9 @@ def test_sigkilled_worker_is_restarted_from_last_checkpoint_and_ends_as_an_unint
     assert logged_steps(outcome.run_folder) == list(range(1, 13))
     # ... and the restart saw the same weights, optimizer, tasks and data as the run without it.
     assert logged(outcome.run_folder, "loss") == logged(straight.run_folder, "loss")
+    # The model FLOPs of each window are counted from the tasks, so they repeat too; MFU is a share.
+    assert logged(outcome.run_folder, "flops") == logged(straight.run_folder, "flops")
+    assert all(0 < mfu < 1 for mfu in logged(outcome.run_folder, "mfu"))
     # One task per global batch (both micro-batches, both ranks), held for inner_steps=2 steps.
     families = [sorted(record) for record in logged(outcome.run_folder, "families")]
     assert all(len(names) == 1 for names in families) and families[0::2] == families[1::2]
@@ -119,7 +122,7 @@ def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(ray_cluster, digits,
         list(range(1, 10)),
         list(range(9, 13)),
     ]
-    assert {"loss", "lr", "samples_per_s"} <= {tag for tag, _ in attempts[0]}
+    assert {"loss", "lr", "samples_per_s", "tflops", "mfu"} <= {tag for tag, _ in attempts[0]}
     assert any(tag.startswith("loss_by_family/") for tag, _ in attempts[0])
 
     # Once more, now that it is finished: the state comes from the final checkpoint (a fresh
