@@ -38,7 +38,7 @@ from biglearn.config import load_config
 from biglearn.data.digits import ensure_digits
 from biglearn.data.manifest import read_manifest, read_split
 from biglearn.flops import peak_flops, training_flops
-from biglearn.model import ModelSpec, UniversalTransformer, pack_index
+from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer, pack_index
 from biglearn.objectives import big_learning_loss
 from biglearn.roles import Schedule, sample_roles
 from biglearn.train.config import PretrainConfig
@@ -76,10 +76,9 @@ def bare_loop(
     model_cfg = cfg.model.model_copy(update=model_changes)
     schedule = schedule or cfg.schedule
     torch.manual_seed(0)
-    memory_rows = len(values) if model_cfg.retrieval_neighbours else 0
-    spec = ModelSpec(model=model_cfg, length=values.shape[1], vocab_size=17, grid=grid, memory_rows=memory_rows)
+    spec = model_spec(model_cfg, values, grid)
     model = UniversalTransformer(spec)
-    if memory_rows:
+    if spec.memory_rows:
         model.memory.remember(values)
     model, values = model.to(device), values.to(device)
     if deepspeed:
@@ -115,6 +114,12 @@ def bare_loop(
     _synchronize(device)
     seconds = time.perf_counter() - start
     return Speed(steps * batch / seconds, flops / seconds / 1e12, flops / seconds / peak_flops(device, bf16)[0])
+
+
+def model_spec(model_cfg: ModelConfig, values: torch.Tensor, grid) -> ModelSpec:
+    """The digits model of `model_cfg`; a retrieving one remembers `values`."""
+    memory_rows = len(values) if model_cfg.retrieval_neighbours else 0
+    return ModelSpec(model=model_cfg, length=values.shape[1], vocab_size=17, grid=grid, memory_rows=memory_rows)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -158,9 +163,10 @@ def overhead_share(cfg: PretrainConfig, values: torch.Tensor, grid, samples_per_
     return per_step / (batch / samples_per_s)
 
 
-def ray_deepspeed_loop(cfg: PretrainConfig, data: str, steps: int, threads: int, gpu: bool) -> Speed:
+def ray_deepspeed_loop(cfg: PretrainConfig, data: str, steps: int, threads: int, gpu: bool, peak: float) -> Speed:
     """Speed of the real pretraining path with one worker (medians of its progress windows after
-    the first), on a local Ray started for it and shut down after."""
+    the first), on a local Ray started for it and shut down after. MFU is taken against `peak`,
+    the bare loop's, rather than the run's own probe, so that both sides share one ceiling."""
     from biglearn.train.run import pretrain
 
     with tempfile.TemporaryDirectory() as storage:
@@ -196,7 +202,8 @@ def ray_deepspeed_loop(cfg: PretrainConfig, data: str, steps: int, threads: int,
         finally:
             ray.shutdown()  # the next bare run gets the machine to itself
         records = [json.loads(line) for line in (Path(outcome.run_folder) / "metrics.jsonl").read_text().splitlines()]
-    return Speed(*(statistics.median(r[key] for r in records[1:]) for key in ("samples_per_s", "tflops", "mfu")))
+    samples_per_s, tflops = (statistics.median(r[key] for r in records[1:]) for key in ("samples_per_s", "tflops"))
+    return Speed(samples_per_s, tflops, tflops * 1e12 / peak)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -224,13 +231,16 @@ def main() -> None:
         parser.error("--device cuda: torch sees no CUDA GPU on this machine")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = load_config(PretrainConfig, args.config)
+    overrides = []
     if args.size:
         d_model, layers, heads = SIZES[args.size]
-        cfg.model = cfg.model.model_copy(update={"d_model": d_model, "num_layers": layers, "num_heads": heads})
+        overrides += [f"model.d_model={d_model}", f"model.num_layers={layers}", f"model.num_heads={heads}"]
     if args.zero_stage:
-        cfg.cluster = cfg.cluster.model_copy(update={"zero_stage": args.zero_stage})
+        overrides.append(f"cluster.zero_stage={args.zero_stage}")
+    cfg = load_config(PretrainConfig, args.config, overrides)
     diagnostics = args.size is None and args.device == "cpu"
+    bf16 = bf16_on(cfg, device)
+    peak, peak_source = peak_flops(device, bf16)  # measured once, on a quiet machine; bare_loop reuses it
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "digits")
         ensure_digits(data)
@@ -244,7 +254,8 @@ def main() -> None:
         pairs = []
         for _ in range(args.pairs):
             bare_run = bare_loop(cfg, values, grid, args.steps, device=device)
-            pairs.append((bare_run, ray_deepspeed_loop(cfg, data, args.steps * 2, args.threads, args.device == "cuda")))
+            ray_run = ray_deepspeed_loop(cfg, data, args.steps * 2, args.threads, args.device == "cuda", peak)
+            pairs.append((bare_run, ray_run))
         compiled = None
         if args.compile:
             compiled = (
@@ -270,16 +281,12 @@ def main() -> None:
                 kept = bare_loop(cfg, values, grid, args.steps, marginal, drop_absent=False).samples_per_s
                 drop_speedup[granularity] = (dropped, kept)
 
-    bf16 = bf16_on(cfg, device)
-    _, peak_source = peak_flops(device, bf16)
-    parameters = sum(
-        p.numel() for p in UniversalTransformer(ModelSpec(model=cfg.model, length=64, vocab_size=17)).parameters()
-    )
+    parameters = sum(p.numel() for p in UniversalTransformer(model_spec(cfg.model, values, grid)).parameters())
     ratios = [ray_ds.samples_per_s / bare_run.samples_per_s for bare_run, ray_ds in pairs]
     print(
         f"model {cfg.model.d_model}d x {cfg.model.num_layers} layers ({parameters / 1e6:.1f}M parameters), "
         f"batch {cfg.optim.batch_size}, {args.device}, {args.threads} threads, {'bf16' if bf16 else 'fp32'}, "
-        f"Ray run ZeRO-{cfg.cluster.zero_stage}; MFU against {peak_source}"
+        f"Ray run ZeRO-{cfg.cluster.zero_stage}; MFU against {peak / 1e9:.4g} GFLOP/s, {peak_source}"
     )
     for index, ((bare_run, ray_ds), ratio) in enumerate(zip(pairs, ratios), 1):
         print(
