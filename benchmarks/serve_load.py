@@ -4,12 +4,14 @@
     python benchmarks/serve_load.py --size small             # d_model 64, 2 layers
     python benchmarks/serve_load.py --export runs/digits-quick/export --requests 300
     python benchmarks/serve_load.py --gpu                    # the replica and the in-process call on one GPU
+    python benchmarks/serve_load.py --steps 16 8             # two decoding step counts in one run
 
 One local Ray, one Completer replica behind the gateway (1 CPU, 1 torch thread, access log off;
 with --gpu also 1 GPU), loopback only. For each concurrency, that
-many asyncio clients send half-image completions (top half given, 16 decoding steps) until
+many asyncio clients send half-image completions (top half given, --steps decoding steps) until
 --requests are answered or --seconds pass. The in-process rows run the same requests through
-biglearn.serving directly, `concurrency` of them per model call (perfect batching, no HTTP).
+biglearn.serving directly, `concurrency` of them per model call (perfect batching, no HTTP), and
+show the share of that call spent in the model's forward passes.
 """
 
 import argparse
@@ -30,8 +32,8 @@ from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, comp
 CONCURRENCY = (1, 8, 32)
 
 
-def body(seed: int) -> dict:
-    return {"values": {str(i): (i * 7) % 17 for i in range(32)}, "target": "rest", "seed": seed}
+def body(seed: int, steps: int) -> dict:
+    return {"values": {str(i): (i * 7) % 17 for i in range(32)}, "target": "rest", "seed": seed, "steps": steps}
 
 
 SIZES = {"quick": (128, 4, 4), "small": (64, 2, 4), "tiny": (32, 1, 2)}  # d_model, layers, heads
@@ -63,13 +65,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def load(url: str, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+def load(url: str, concurrency: int, max_requests: int, max_seconds: float, steps: int) -> dict:
     """`concurrency` clients on one asyncio loop (a light client: threads would take CPU from the
     server on a small machine), each sending its next request when the last is answered."""
-    return asyncio.run(_load(url, concurrency, max_requests, max_seconds))
+    return asyncio.run(_load(url, concurrency, max_requests, max_seconds, steps))
 
 
-async def _load(url: str, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+async def _load(url: str, concurrency: int, max_requests: int, max_seconds: float, steps: int) -> dict:
     import aiohttp
 
     latencies: list[float] = []
@@ -82,7 +84,7 @@ async def _load(url: str, concurrency: int, max_requests: int, max_seconds: floa
             if time.monotonic() > deadline:
                 return
             started = time.perf_counter()
-            async with session.post(url, json=body(seed)) as response:
+            async with session.post(url, json=body(seed, steps)) as response:
                 await response.read()
             (latencies if response.status == 200 else failures).append(time.perf_counter() - started)
 
@@ -100,21 +102,39 @@ async def _load(url: str, concurrency: int, max_requests: int, max_seconds: floa
     }
 
 
-def in_process(export: str, concurrency: int, repeats: int, device: str) -> dict:
+def in_process(export: str, concurrency: int, repeats: int, device: str, steps: int) -> dict:
+    """The same requests through biglearn.serving, `concurrency` per model call; also the share
+    of a call spent in the model's forward passes (the rest: request handling, noise, sampling)."""
     served = ExportedModel(export, device)
     cfg = ServingConfig()
-    times = []
+    forward_seconds = [0.0]
+    started_forward = [0.0]
+
+    def before(*_):
+        started_forward[0] = time.perf_counter()
+
+    def after(*_):
+        forward_seconds[0] += time.perf_counter() - started_forward[0]
+
+    served.model.register_forward_pre_hook(before)
+    served.model.register_forward_hook(after)
+    times, forward_shares = [], []
     for r in range(repeats):
-        tasks = [parse_request(CompleteRequest(**body(r * concurrency + i)), served, cfg) for i in range(concurrency)]
+        tasks = [
+            parse_request(CompleteRequest(**body(r * concurrency + i, steps)), served, cfg) for i in range(concurrency)
+        ]
+        forward_seconds[0] = 0.0
         started = time.perf_counter()
         complete_tasks(served.model, tasks, served.device)
         times.append(time.perf_counter() - started)
+        forward_shares.append(forward_seconds[0] / times[-1])
     return {
         "rps": concurrency / percentile(times, 0.5),
         "p50": percentile(times, 0.5),
         "p99": percentile(times, 0.99),
         "n": repeats * concurrency,
         "failed": 0,
+        "forward_share": percentile(forward_shares, 0.5),
     }
 
 
@@ -127,6 +147,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=240, help="most requests per cell (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=15, help="most seconds per cell (default: %(default)s)")
     parser.add_argument("--gpu", action="store_true", help="give the replica a GPU, and run the in-process call on it")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="decoding steps per request, each measured in turn (default: %(default)s, the served default)",
+    )
     args = parser.parse_args()
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: torch sees no CUDA GPU on this machine")
@@ -157,31 +184,44 @@ def main() -> int:
             },
         )
         serve.run(app, **run_kwargs)
-        load(url, 4, 16, 30)  # warm-up: first calls pay for lazy initialisation
-        for c in CONCURRENCY:
-            results[("on" if batching else "off", c)] = load(url, c, args.requests, args.seconds)
+        load(url, 4, 16, 30, args.steps[0])  # warm-up: first calls pay for lazy initialisation
+        for steps in args.steps:
+            for c in CONCURRENCY:
+                results[("on" if batching else "off", steps, c)] = load(url, c, args.requests, args.seconds, steps)
         serve.delete(run_kwargs["name"])
     serve.shutdown()
     ray.shutdown()
-    for c in CONCURRENCY:
-        results[("model", c)] = in_process(export, c, repeats=max(3, 48 // c), device=device)
+    for steps in args.steps:
+        for c in CONCURRENCY:
+            results[("model", steps, c)] = in_process(export, c, max(3, 48 // c), device, steps)
 
-    print(
-        "\nconcurrency | batching on: req/s  p50 ms  p99 ms | batching off: req/s  p50 ms  p99 ms | in-process call: req/s  ms/call | on/off"
-    )
-    for c in CONCURRENCY:
-        on, off, model = results[("on", c)], results[("off", c)], results[("model", c)]
+    for steps in args.steps:
         print(
-            f"{c:>11} | {on['rps']:>17.1f} {on['p50'] * 1e3:>7.1f} {on['p99'] * 1e3:>7.1f} | {off['rps']:>18.1f} {off['p50'] * 1e3:>7.1f} "
-            f"{off['p99'] * 1e3:>7.1f} | {model['rps']:>21.1f} {model['p50'] * 1e3:>8.1f} | {on['rps'] / off['rps']:>5.2f}x"
+            f"\n{steps} decoding steps\n"
+            "concurrency | batching on: req/s  p50 ms  p99 ms | batching off: req/s  p50 ms  p99 ms | "
+            "in-process call: req/s  ms/call  forward | on/off"
+        )
+        for c in CONCURRENCY:
+            on, off, model = (results[(mode, steps, c)] for mode in ("on", "off", "model"))
+            print(
+                f"{c:>11} | {on['rps']:>17.1f} {on['p50'] * 1e3:>7.1f} {on['p99'] * 1e3:>7.1f} | "
+                f"{off['rps']:>18.1f} {off['p50'] * 1e3:>7.1f} {off['p99'] * 1e3:>7.1f} | "
+                f"{model['rps']:>21.1f} {model['p50'] * 1e3:>8.1f} {100 * model['forward_share']:>7.0f}% | "
+                f"{on['rps'] / off['rps']:>5.2f}x"
+            )
+        overhead = results[("on", steps, 1)]["p50"] - results[("model", steps, 1)]["p50"]
+        print(f"Serve overhead at concurrency 1 (p50, batching on, minus the in-process call): {overhead * 1e3:.1f} ms")
+    first, *others = args.steps
+    for steps in others:
+        before, after = (results[("on", n, 32)]["rps"] for n in (first, steps))
+        slow, fast = (results[("on", n, 1)]["p50"] * 1e3 for n in (first, steps))
+        print(
+            f"{first} -> {steps} steps, batching on: {before:.1f} -> {after:.1f} req/s at concurrency 32 "
+            f"({after / before:.2f}x), p50 {slow:.1f} -> {fast:.1f} ms at concurrency 1"
         )
     failed = sum(r["failed"] for r in results.values())
-    overhead = results[("on", 1)]["p50"] - results[("model", 1)]["p50"]
-    print(
-        f"Serve overhead at concurrency 1 (p50, batching on, minus the in-process call): {overhead * 1e3:.1f} ms; failed requests: {failed}"
-    )
-    counts = ", ".join(f"{mode}@{c}={r['n']}" for (mode, c), r in results.items() if mode != "model")
-    print(f"requests per cell: {counts}")
+    counts = ", ".join(f"{mode}@{steps}/{c}={r['n']}" for (mode, steps, c), r in results.items() if mode != "model")
+    print(f"failed requests: {failed}; requests per cell (mode@steps/concurrency): {counts}")
     return 0
 
 

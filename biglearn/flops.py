@@ -130,7 +130,7 @@ def peak_flops(device: torch.device, bf16: bool) -> tuple[float, str]:
 @functools.cache
 def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int) -> float:
     """The best FLOP/s of square matrix products on `device` (on CPUs with `threads`, torch's
-    current thread count), over five rounds of about 0.1 s each: the best, as a busy moment
+    current thread count), over ten rounds of about 0.1 s each: the best, as a busy moment
     only lowers it."""
     n = 8192 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, device=device).to(dtype)
@@ -152,5 +152,5 @@ def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int) -> floa
 
     seconds(1)  # warm-up: kernel selection and first-touch allocation
     repeats = max(1, round(0.1 / seconds(1)))
-    best = max(2 * n**3 * repeats / seconds(repeats) for _ in range(5))
+    best = max(2 * n**3 * repeats / seconds(repeats) for _ in range(10))
     return best

@@ -111,6 +111,11 @@ class ClusterConfig(Config):
     """CPU threads per worker; null: this machine's cores divided among its workers."""
     zero_stage: Literal[1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also weights."""
+    zero_bucket_elements: PositiveInt = 10_000_000
+    """Gradient elements a rank collects before it reduces them (DeepSpeed's reduce_bucket_size).
+    Stages 2 and 3 free the gradients of other ranks' shards only as a bucket is reduced, so a
+    bucket as large as the model (DeepSpeed's default, 5e8) holds every gradient whole until
+    the backward pass ends."""
     max_failures: int = Field(default=0, ge=-1)
     """Restarts from the last checkpoint allowed after a worker fails; -1: unlimited."""
 

@@ -33,7 +33,11 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool, lr: float | None = None)
     optim = cfg.optim
     # Contiguous gradients spare GPU allocators fragmentation; on CPU they are one more copy of
     # every gradient per step (2-3% of a digits step, benchmarks/README.md).
-    zero: dict = {"stage": cfg.cluster.zero_stage, "contiguous_gradients": on_gpu}
+    zero: dict = {
+        "stage": cfg.cluster.zero_stage,
+        "contiguous_gradients": on_gpu,
+        "reduce_bucket_size": cfg.cluster.zero_bucket_elements,
+    }
     if cfg.cluster.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {

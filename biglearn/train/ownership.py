@@ -56,6 +56,7 @@ OPERATIONAL = (
     "cluster.max_failures",
     "cluster.torch_threads",
     "cluster.use_gpu",
+    "cluster.zero_bucket_elements",
     "data.verify_max_bytes",
     "run.resume_with_changes",
 )

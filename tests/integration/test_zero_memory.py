@@ -1,0 +1,54 @@
+"""ZeRO sharding holds what its accounting predicts, per rank, with two workers on two nodes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.ray
+
+
+def test_each_zero_stage_holds_what_its_accounting_predicts():
+    # d_model 512: every weight matrix is above ZeRO-3's persistence threshold (1e5 elements), so
+    # only biases, norms and embeddings stay whole on every rank.
+    run = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/zero_memory.py",
+            "--d-model",
+            "512",
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--steps",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ratios: dict[tuple[int, int], list[float]] = {}
+    for stage, rank, cells in re.findall(r"^ZeRO-(\d) \| (\d) \| (.+)$", run.stdout, flags=re.M):
+        ratios[int(stage), int(rank)] = [float(r) for r in re.findall(r"\(([\d.]+)x\)", cells)]
+    assert sorted(ratios) == [(stage, rank) for stage in (1, 2, 3) for rank in (0, 1)], run.stdout
+    psi = float(re.search(r"([\d.]+)M parameters \(Psi\)", run.stdout)[1]) * 1e6
+    # A shard's gradients may pin one more whole gradient, the one that straddles the shard's
+    # edge: at most the largest matrix (512 x 2048) over the accounting's 4 Psi / 2 bytes.
+    straddle = 4 * 512 * 2048 / (2 * psi)
+    for (stage, rank), (parameters, after_backward, at_backward_end, optimizer_state) in ratios.items():
+        assert parameters == pytest.approx(1, abs=0.1), (stage, rank, "parameters")
+        assert optimizer_state == pytest.approx(1, abs=0.1), (stage, rank, "optimizer state")
+        # Stage 1's full gradients exist until the backward pass ends; stages 2 and 3 keep a
+        # partition of them.
+        gradients = at_backward_end if stage == 1 else after_backward
+        assert 0.9 <= gradients <= 1.02 + (straddle if stage == 2 else 0), (stage, rank, "gradients")
+    assert re.search(r"1 worker [\d.]+ samples/s, 2 workers [\d.]+ samples/s", run.stdout)
