@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one command on a machine with one CUDA GPU, about 10 minutes.
+# The prepared GPU check: one command on a machine with one CUDA GPU, meant to fit in 10 minutes
+# (not yet timed on a GPU).
 #
 #   bash benchmarks/gpu_check.sh --out FILE [--dry-run]
 #
@@ -11,9 +12,10 @@
 #   4. serving on the GPU (benchmarks/serve_load.py --gpu).
 # --dry-run: the same commands on CPU at the smallest size and a few steps, so that the test
 # suite can run the script and it cannot rot; its figures mean nothing.
-# The Python is $PYTHON, else the repository's .venv, else python3.
+# A step that fails does not stop the later ones (a GPU machine is scarce); the script then
+# names the failed steps and exits 1. The Python is $PYTHON, else the repository's .venv, else
+# python3.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 usage="usage: bash benchmarks/gpu_check.sh --out FILE [--dry-run]"
 out="" dry_run=0
@@ -30,6 +32,8 @@ fi
 if [ -e "$out" ]; then
   echo "gpu_check: $out exists and is kept; name a new file with --out" >&2; exit 2
 fi
+case "$out" in /*) ;; *) out="$PWD/$out" ;; esac  # relative to where it was called from
+cd "$(dirname "$0")/.."
 python="${PYTHON:-}"
 if [ -z "$python" ]; then
   if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
@@ -48,10 +52,11 @@ else
   serve=(--gpu --seconds 10)
 fi
 
+failed=()
 step() {
   local title="$1"; shift
   printf '\n== %s\n$ %s\n' "$title" "$*" | tee -a "$out"
-  "$@" 2>&1 | tee -a "$out"
+  "$@" 2>&1 | tee -a "$out" || failed+=("$title")
 }
 
 mkdir -p "$(dirname "$out")"
@@ -64,4 +69,8 @@ step "bf16 training and MFU, ${sizes[0]} model" "$python" benchmarks/train_step.
 step "bf16 training and MFU, ${sizes[1]} model, ZeRO-2" "$python" benchmarks/train_step.py "${train[@]}" --size "${sizes[1]}" --zero-stage 2
 step "the same, ZeRO-3" "$python" benchmarks/train_step.py "${train[@]}" --size "${sizes[1]}" --zero-stage 3
 step "serving" "$python" benchmarks/serve_load.py "${serve[@]}"
+if [ ${#failed[@]} -gt 0 ]; then
+  printf '\ngpu_check: FAILED: %s; figures of the other steps in %s\n' "$(IFS=';'; echo "${failed[*]}")" "$out" | tee -a "$out"
+  exit 1
+fi
 printf '\ngpu_check: done; figures in %s\n' "$out" | tee -a "$out"

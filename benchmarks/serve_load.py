@@ -110,10 +110,16 @@ def in_process(export: str, concurrency: int, repeats: int, device: str, steps: 
     forward_seconds = [0.0]
     started_forward = [0.0]
 
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()  # time the kernels, not their launches
+
     def before(*_):
+        synchronize()
         started_forward[0] = time.perf_counter()
 
     def after(*_):
+        synchronize()
         forward_seconds[0] += time.perf_counter() - started_forward[0]
 
     served.model.register_forward_pre_hook(before)

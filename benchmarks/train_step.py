@@ -1,4 +1,5 @@
-"""Training-step throughput and model FLOPs utilisation, side by side in one run (by hand, not in CI).
+"""Training-step throughput and model FLOPs utilisation, side by side in one run (by hand; the
+test suite runs it at the smallest size through gpu_check.sh --dry-run).
 
     python benchmarks/train_step.py [--steps 100] [--threads N] [--pairs 2] [--config biglearn/recipes/digits-quick.yaml]
     python benchmarks/train_step.py --size base --steps 4 --pairs 1     # a larger model: the pairs only
@@ -42,20 +43,15 @@ from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer, pack_in
 from biglearn.objectives import big_learning_loss
 from biglearn.roles import Schedule, sample_roles
 from biglearn.train.config import PretrainConfig
-from biglearn.train.engine import build_engine, cpu_bf16
+from biglearn.train.engine import build_engine, computes_in_bf16
 
-# --size: (d_model, layers, heads); parameters are about 12 * layers * d_model^2 (3.1M, 85M, 1.0B).
+# --size: (d_model, layers, heads); parameters are about 12 * layers * d_model^2 (0.1M, 3.1M, 85M, 1.0B).
 SIZES = {"tiny": (64, 2, 4), "small": (256, 4, 4), "base": (768, 12, 12), "1b": (2048, 20, 16)}
 
 
 class Speed(NamedTuple):
     samples_per_s: float
     tflops: float
-
-
-def bf16_on(cfg: PretrainConfig, device: torch.device) -> bool:
-    """Whether the run computes in bf16 there: the rule of the pretraining loop."""
-    return cfg.train.precision != "fp32" if device.type == "cuda" else cpu_bf16(cfg.train.precision)
 
 
 def bare_loop(
@@ -87,7 +83,7 @@ def bare_loop(
     forward = torch.compile(model) if compile_model else model
     generator = torch.Generator(device=device).manual_seed(0)
     batch = cfg.optim.batch_size
-    bf16 = bf16_on(cfg, device)
+    bf16 = computes_in_bf16(cfg.train.precision, device.type == "cuda")
     flops = 0.0
     start = 0.0
     for step in range(steps + 5):
@@ -239,7 +235,7 @@ def main() -> None:
         overrides.append(f"cluster.zero_stage={args.zero_stage}")
     cfg = load_config(PretrainConfig, args.config, overrides)
     diagnostics = args.size is None and args.device == "cpu"
-    bf16 = bf16_on(cfg, device)
+    bf16 = computes_in_bf16(cfg.train.precision, device.type == "cuda")
     # Both sides' MFU against one ceiling: the best of a probe before and one after the runs (a
     # busy moment only lowers a probe), not each run's own.
     peak, peak_source = peak_flops(device, bf16)

@@ -96,7 +96,8 @@ def adversarial_step_flops(
     return flops
 
 
-# Dense bf16 peaks (no sparsity) from the vendors' datasheets, matched on the device's name.
+# Dense bf16 peaks (no sparsity) from the vendors' datasheets, matched on the device's name in
+# this order (the first whose words all occur wins: "l40s" before "l40" before "l4").
 GPU_BF16_PEAKS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("gb200",), 2.5e15),
     (("b200",), 2.25e15),
@@ -107,6 +108,7 @@ GPU_BF16_PEAKS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("h100",), 989e12),
     (("a100",), 312e12),
     (("l40s",), 362e12),
+    (("l40",), 181e12),
     (("l4",), 121e12),
     (("mi300x",), 1307e12),
 )
@@ -133,8 +135,9 @@ def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int) -> floa
     current thread count), over ten rounds of about 0.1 s each: the best, as a busy moment
     only lowers it."""
     n = 8192 if device.startswith("cuda") else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)  # not the global RNG, which dropout draws from
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
 
     def sync() -> None:
         if device.startswith("cuda"):

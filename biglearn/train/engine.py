@@ -22,6 +22,12 @@ def cpu_bf16(precision: str) -> bool:
     return precision == "bf16"
 
 
+def computes_in_bf16(precision: str, on_gpu: bool) -> bool:
+    """Whether the run's products run in bf16: on GPUs unless fp32 is asked for (DeepSpeed's
+    bf16), on CPUs by `cpu_bf16`."""
+    return precision != "fp32" if on_gpu else cpu_bf16(precision)
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast for CPU work (weights and optimizer stay fp32); on GPUs DeepSpeed's bf16
     mode casts the model instead, so this is a no-op there."""
@@ -46,7 +52,7 @@ def deepspeed_config(cfg: PretrainConfig, on_gpu: bool, lr: float | None = None)
         "gradient_accumulation_steps": optim.grad_accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu and cfg.train.precision != "fp32"},
+        "bf16": {"enabled": on_gpu and computes_in_bf16(cfg.train.precision, on_gpu)},
         # torch's AdamW: DeepSpeed's fused/CPU Adam would need compiled ops on every node.
         "optimizer": {
             "type": "AdamW",

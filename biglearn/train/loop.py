@@ -30,7 +30,7 @@ from biglearn.export import write_export
 from biglearn.flops import peak_flops
 from biglearn.roles import sample_roles, task_seed, without_missing
 from biglearn.train.config import Fault, PretrainConfig
-from biglearn.train.engine import all_sum, cpu_bf16, full_state_dict
+from biglearn.train.engine import all_sum, computes_in_bf16, full_state_dict
 from biglearn.train.ingest import resumable_batches
 from biglearn.train.progress import Progress, log
 from biglearn.train.steps import TrainingStep, seeded_generator, training_step
@@ -114,8 +114,7 @@ def run_peak_flops(cfg: PretrainConfig, device: torch.device, rank: int) -> floa
     """The FLOP/s of all ranks' devices together (a collective): what MFU is measured against.
     Every rank measures its own at once (on CPUs a matmul probe, so ranks that share a machine
     share it as training does)."""
-    bf16 = cfg.train.precision != "fp32" if device.type == "cuda" else cpu_bf16(cfg.train.precision)
-    peak, source = peak_flops(device, bf16)
+    peak, source = peak_flops(device, computes_in_bf16(cfg.train.precision, device.type == "cuda"))
     total = all_sum(torch.tensor([peak], dtype=torch.float64, device=device)).item()
     if rank == 0:
         log.info(

@@ -55,10 +55,10 @@ def tiny_overrides(data: str, storage: str | Path, name: str, *extra: str) -> li
 
 
 def start_local_ray(metrics_port: bool = False) -> None:
-    """Starts a two-CPU local Ray, trying twice: on a loaded 2-core machine its raylet has once
-    failed to register within Ray's fixed 30 s, failing a whole module. The first failure's
-    raylet.err is printed, and the processes that start left behind are killed first
-    (those started before, such as the S3 server, are kept)."""
+    """Starts a two-CPU local Ray, trying twice: on a loaded machine the raylet may miss Ray's
+    fixed 30 s to register, which would fail a whole module. After such a failure it prints
+    raylet.err and kills the processes that start left behind (those started before, such as
+    the S3 server, are kept)."""
     import psutil
     import ray
 
