@@ -155,5 +155,4 @@ def measured_matmul_flops(device: str, dtype: torch.dtype, threads: int) -> floa
 
     seconds(1)  # warm-up: kernel selection and first-touch allocation
     repeats = max(1, round(0.1 / seconds(1)))
-    best = max(2 * n**3 * repeats / seconds(repeats) for _ in range(10))
-    return best
+    return max(2 * n**3 * repeats / seconds(repeats) for _ in range(10))
