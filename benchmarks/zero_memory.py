@@ -13,7 +13,10 @@ counts them as the backward pass ends, before DeepSpeed's epilogue reduces the l
 frees full gradients: the in-backward peak. ZeRO's accounting (Rajbhandari et al., 2020) for
 Psi parameters on N ranks in fp32 with Adam: parameters 4 Psi (stages 1, 2) or 4 Psi/N (3);
 gradients 4 Psi (1) or 4 Psi/N (2, 3); optimizer state 12 Psi/N (an fp32 master copy and
-Adam's two moments). Then the same per-worker batch on one worker and on two (ZeRO-2): samples/s.
+Adam's two moments). That accounting is of model states; the gradients of other ranks' shards
+that wait in a bucket for their reduction are a residual state beside it (ZeRO-R's
+constant-size buffers, the paper's section 6), shown on their own against one bucket. Then
+the same per-worker batch on one worker and on two (ZeRO-2): samples/s.
 
 The byte counts read DeepSpeed 0.19's own attributes (`zero_memory_by_kind`): a benchmark may,
 the product does not.
@@ -31,25 +34,38 @@ from pathlib import Path
 import ray
 import torch
 
-KINDS = ("parameters", "gradients", "optimizer_state")
+KINDS = ("parameters", "gradients", "gradients_awaiting_reduction", "optimizer_state")
 
 
 def held_tensors(engine) -> dict[str, list[torch.Tensor]]:
-    """The tensors behind each kind of state on this rank (DeepSpeed 0.19, CPU, no offload)."""
+    """The tensors behind each kind of state on this rank (DeepSpeed 0.19, CPU, no offload).
+    `gradients` are the ones this rank keeps for its own shard (stages 1 and 2: the full
+    gradients of the parameters its shard touches; stage 3: its flat partition);
+    `gradients_awaiting_reduction` are full gradients of other shards that a bucket has not
+    reduced yet (stage 3: every full gradient)."""
     opt = engine.optimizer
     stage3 = hasattr(opt, "fp32_partitioned_groups_flat")
     params = [p.data for p in engine.module.parameters()]
     params += [p.ds_tensor for p in engine.module.parameters() if getattr(p, "ds_tensor", None) is not None]
     for name in ("bit16_groups_flat", "lp_param_buffer", "fp16_partitioned_groups_flat"):
         params += _listed(getattr(opt, name, None))
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    own, awaiting = [], []
+    for param in engine.module.parameters():
+        if param.grad is not None:
+            kept = not stage3 and opt.is_param_in_current_partition[opt.get_param_id(param)]
+            (own if kept else awaiting).append(param.grad)
     for name in ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer"):
-        grads += _listed(getattr(opt, name, None))
+        own += _listed(getattr(opt, name, None))
     for bucket in getattr(opt, "ipg_buckets", {}).values():
-        grads += _listed(getattr(bucket, "grads", None))
+        awaiting += _listed(getattr(bucket, "grads", None)) + _listed(getattr(bucket, "buffer", None))
     masters = _listed(getattr(opt, "fp32_partitioned_groups_flat" if stage3 else "single_partition_of_fp32_groups"))
     state = masters + [t for moments in opt.optimizer.state.values() for t in _listed(moments)]
-    return {"parameters": params, "gradients": grads, "optimizer_state": state}
+    return {
+        "parameters": params,
+        "gradients": own,
+        "gradients_awaiting_reduction": awaiting,
+        "optimizer_state": state,
+    }
 
 
 def _listed(holder) -> list[torch.Tensor]:
@@ -116,6 +132,7 @@ def train_and_count(config: dict) -> None:
     result = {
         "rank": rank,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "largest_parameter": max(p.numel() for p in model.parameters()),
         "after_backward": after_backward,
         "peak": peaks[-1],
         "step_seconds": statistics.median(seconds[1:]),
@@ -186,19 +203,30 @@ def main() -> None:
 
     psi = by_stage[1][0]["parameters"]
     bucket = PretrainConfig.model_validate(config(2, 2)).cluster.zero_bucket_elements
+    # A bucket is reduced before the gradient that would overflow it joins, so it holds at most
+    # the larger of its size and one parameter.
+    one_bucket = 4 * max(bucket, by_stage[1][0]["largest_parameter"])
     print(
         f"{psi / 1e6:.2f}M parameters (Psi), 2 ranks, fp32, AdamW, buckets of {bucket:.3g} gradient elements; "
-        "MB per rank, measured / ZeRO's accounting"
+        "MB per rank, measured / ZeRO's accounting (awaiting reduction: measured / one bucket)"
     )
-    print("stage | rank | parameters | gradients after backward | gradients at backward's end | optimizer state")
+    print(
+        "stage | rank | parameters | gradients after backward | gradients at backward's end "
+        "| awaiting reduction at backward's end | optimizer state"
+    )
     for stage, ranks in by_stage.items():
         expected = predicted(stage, psi, 2)
         for result in ranks:
+            after, peak = result["after_backward"], result["peak"]
+            # Stage 1 keeps every gradient until the optimizer step: the accounting counts them all.
+            counted = peak["gradients"] + (peak["gradients_awaiting_reduction"] if stage == 1 else 0)
+            awaiting = "counted" if stage == 1 else _cell(peak["gradients_awaiting_reduction"], one_bucket)
             cells = [
-                _cell(result["after_backward"]["parameters"], expected["parameters"]),
-                _cell(result["after_backward"]["gradients"], expected["gradients"]),
-                _cell(result["peak"]["gradients"], expected["gradients"]),
-                _cell(result["after_backward"]["optimizer_state"], expected["optimizer_state"]),
+                _cell(after["parameters"], expected["parameters"]),
+                _cell(after["gradients"] + after["gradients_awaiting_reduction"], expected["gradients"]),
+                _cell(counted, expected["gradients"]),
+                awaiting,
+                _cell(after["optimizer_state"], expected["optimizer_state"]),
             ]
             print(f"ZeRO-{stage} | {result['rank']} | " + " | ".join(cells))
     two = statistics.mean(r["step_seconds"] for r in by_stage[2])

@@ -268,6 +268,11 @@ def test_dashboards_query_only_exported_metrics(name, family):
     assert any(metric.startswith(family) for metric in queried)
 
 
-def test_training_dashboard_shows_loss_and_throughput():
+def test_training_dashboard_shows_loss_throughput_and_mfu():
     queried = dashboard_metrics(CLUSTER / "grafana" / "biglearn-training.json")
-    assert {"ray_biglearn_train_loss", "ray_biglearn_train_samples_per_second"} <= queried
+    assert {
+        "ray_biglearn_train_loss",
+        "ray_biglearn_train_samples_per_second",
+        "ray_biglearn_train_tflops_per_second",
+        "ray_biglearn_train_mfu",
+    } <= queried
