@@ -1,4 +1,5 @@
-"""Serve under load: requests/s and latency with batching on vs off, next to the bare model call.
+"""Serve under load: requests/s and latency with batching on vs off, next to the bare model call,
+and beside Ray Serve's own batching (`serve.batch`), which biglearn's Batcher replaced.
 
     python benchmarks/serve_load.py                          # untrained, digits-quick size
     python benchmarks/serve_load.py --size small             # d_model 64, 2 layers
@@ -26,10 +27,11 @@ import torch
 
 from biglearn.export import write_export
 from biglearn.model import ModelConfig, ModelSpec, UniversalTransformer
-from biglearn.serve.app import app_from_config
+from biglearn.serve.app import Completer, Gateway, app_from_config, resolved_serve_config
 from biglearn.serving import CompleteRequest, ExportedModel, ServingConfig, complete_tasks, parse_request
 
 CONCURRENCY = (1, 8, 32)
+MODES = ("on", "serve.batch", "off")  # biglearn's Batcher, Ray Serve's serve.batch, no batching
 
 
 def body(seed: int, steps: int) -> dict:
@@ -58,6 +60,34 @@ def random_export(folder: Path, size: str) -> str:
     }
     write_export(folder, UniversalTransformer(spec).state_dict(), spec, manifest, {"benchmark": True})
     return str(folder)
+
+
+def serve_batch_app(export: str, overrides: list[str], deployment: dict):
+    """The served application with Ray Serve's `serve.batch` in the Completer instead of
+    biglearn's Batcher: the baseline. serve.batch forms the next batch while a call still runs."""
+    from ray import serve
+
+    class ServeBatchCompleter(Completer.func_or_class):
+        def __init__(self, export: str, settings: dict):
+            super().__init__(export, settings)
+            self.batcher = self
+            self.ray_batched.set_max_batch_size(self.cfg.batching.max_batch_rows)
+            self.ray_batched.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+
+        async def submit(self, task):
+            return await self.ray_batched(task)
+
+        @serve.batch(batch_size_fn=lambda tasks: sum(task.num_samples for task in tasks))
+        async def ray_batched(self, tasks):
+            return await self.run_batch(tasks)
+
+    (application,) = resolved_serve_config(export=export, overrides=overrides)["applications"]
+    settings = application["args"]["settings"]
+    (gateway,) = [
+        {k: v for k, v in d.items() if k != "name"} for d in application["deployments"] if d["name"] == "Gateway"
+    ]
+    completer = serve.deployment(ServeBatchCompleter, name="Completer").options(**deployment).bind(export, settings)
+    return Gateway.options(**gateway).bind(completer, settings)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -177,23 +207,23 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/complete"
     results = {}
-    for batching in (True, False):
-        app, run_kwargs, _ = app_from_config(
-            export=export,
-            overrides=[f"batching.enabled={str(batching).lower()}", "batching.max_batch_rows=32", "torch_threads=1"],
-            deployment={
-                "num_replicas": 1,
-                "max_ongoing_requests": 32,
-                "max_queued_requests": -1,
-                "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.gpu else 0},
-                "logging_config": {"enable_access_log": False},
-            },
-        )
+    deployment = {
+        "num_replicas": 1,
+        "max_ongoing_requests": 32,
+        "max_queued_requests": -1,
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if args.gpu else 0},
+        "logging_config": {"enable_access_log": False},
+    }
+    for mode in MODES:
+        overrides = [f"batching.enabled={str(mode != 'off').lower()}", "batching.max_batch_rows=32", "torch_threads=1"]
+        app, run_kwargs, _ = app_from_config(export=export, overrides=overrides, deployment=deployment)
+        if mode == "serve.batch":
+            app = serve_batch_app(export, overrides, deployment)
         serve.run(app, **run_kwargs)
         load(url, 4, 16, 30, args.steps[0])  # warm-up: first calls pay for lazy initialisation
         for steps in args.steps:
             for c in CONCURRENCY:
-                results[("on" if batching else "off", steps, c)] = load(url, c, args.requests, args.seconds, steps)
+                results[(mode, steps, c)] = load(url, c, args.requests, args.seconds, steps)
         serve.delete(run_kwargs["name"])
     serve.shutdown()
     ray.shutdown()
@@ -204,19 +234,28 @@ def main() -> int:
     for steps in args.steps:
         print(
             f"\n{steps} decoding steps\n"
-            "concurrency | batching on: req/s  p50 ms  p99 ms | batching off: req/s  p50 ms  p99 ms | "
-            "in-process call: req/s  ms/call  forward | on/off"
+            "concurrency | batching on: req/s  p50 ms  p99 ms | serve.batch: req/s  p50 ms  p99 ms "
+            "| batching off: req/s  p50 ms  p99 ms | in-process call: req/s  ms/call  forward | on/serve.batch  on/off"
         )
         for c in CONCURRENCY:
-            on, off, model = (results[(mode, steps, c)] for mode in ("on", "off", "model"))
+            on, ray_batched, off, model = (results[(mode, steps, c)] for mode in (*MODES, "model"))
+            cells = [
+                f"{r['rps']:>{width}.1f} {r['p50'] * 1e3:>7.1f} {r['p99'] * 1e3:>7.1f}"
+                for r, width in ((on, 17), (ray_batched, 17), (off, 18))
+            ]
             print(
-                f"{c:>11} | {on['rps']:>17.1f} {on['p50'] * 1e3:>7.1f} {on['p99'] * 1e3:>7.1f} | "
-                f"{off['rps']:>18.1f} {off['p50'] * 1e3:>7.1f} {off['p99'] * 1e3:>7.1f} | "
+                f"{c:>11} | " + " | ".join(cells) + " | "
                 f"{model['rps']:>21.1f} {model['p50'] * 1e3:>8.1f} {100 * model['forward_share']:>7.0f}% | "
-                f"{on['rps'] / off['rps']:>5.2f}x"
+                f"{on['rps'] / ray_batched['rps']:>13.2f}x {on['rps'] / off['rps']:>5.2f}x"
             )
         overhead = results[("on", steps, 1)]["p50"] - results[("model", steps, 1)]["p50"]
         print(f"Serve overhead at concurrency 1 (p50, batching on, minus the in-process call): {overhead * 1e3:.1f} ms")
+        before, after = (results[(mode, steps, 32)]["rps"] for mode in ("serve.batch", "on"))
+        slow, fast = (results[(mode, steps, 1)]["p50"] * 1e3 for mode in ("serve.batch", "on"))
+        print(
+            f"serve.batch -> Batcher, {steps} steps: {before:.1f} -> {after:.1f} req/s at concurrency 32 "
+            f"({after / before:.2f}x), p50 {slow:.1f} -> {fast:.1f} ms at concurrency 1"
+        )
     first, *others = args.steps
     for steps in others:
         before, after = (results[("on", n, 32)]["rps"] for n in (first, steps))

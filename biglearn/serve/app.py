@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException
 from biglearn.config import apply_overrides, validate_config
 from biglearn.data.storage import fetch_folder, is_s3
 from biglearn.request_schema import request_schema
+from biglearn.serve.batching import Batcher
 from biglearn.serving import (
     CompleteRequest,
     CompleteResponse,
@@ -118,8 +119,8 @@ class ModelMetrics:
 # --- the model replicas -----------------------------------------------------------------------
 
 
-def _rows(tasks: list[Task]) -> int:
-    return sum(task.num_samples for task in tasks)
+def _rows_of(task: Task) -> int:
+    return task.num_samples
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,8 @@ class Completer:
         self.load_seconds = time.perf_counter() - started
         # One model call at a time: batching, not threads, is how a replica serves many callers.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        # serve.batch's wrapper has these setters; its type stub does not say so.
-        self._batched.set_max_batch_size(self.cfg.batching.max_batch_rows)  # pyright: ignore[reportAttributeAccessIssue]
-        self._batched.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
+        batching = self.cfg.batching
+        self.batcher = Batcher(self.run_batch, _rows_of, batching.max_batch_rows, batching.batch_wait_timeout_s)
 
     def check_health(self):
         # Ray stops exporting a gauge that is not set again; the health check comes regularly.
@@ -172,20 +172,17 @@ class Completer:
         except RequestError as exc:
             return Refusal(422, str(exc), "invalid_request")
         if self.cfg.batching.enabled:
-            samples = await self._batched(task)
+            samples = await self.batcher.submit(task)
         else:
-            samples = (await self._run([task]))[0]
+            samples = (await self.run_batch([task]))[0]
         self.metrics.samples.inc(task.num_samples)
         if task.num_targets:  # Ray's counters refuse an increment of 0
             self.metrics.tokens.inc(task.num_samples * task.num_targets)
         return respond(task, samples, self.served)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_rows)
-    async def _batched(self, tasks: list[Task]) -> list[torch.Tensor]:
-        return await self._run(tasks)
-
-    async def _run(self, tasks: list[Task]) -> list[torch.Tensor]:
-        rows = _rows(tasks)
+    async def run_batch(self, tasks: list[Task]) -> list[torch.Tensor]:
+        """One model call for these tasks (on the replica's one model thread), counted."""
+        rows = sum(map(_rows_of, tasks))
         self.metrics.model_calls.inc()
         self.metrics.batched_rows.inc(rows)
         self.metrics.batched_requests.inc(len(tasks))
