@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -16,9 +17,10 @@ class Batcher(Generic[Item, Result]):
 
     A batch is formed when the previous call has returned, from everything submitted meanwhile
     (oldest first, up to `max_rows` as `rows` counts them), so a busy model gets full batches.
-    When fewer rows are waiting it waits up to `wait_s` for more. A submission larger than
-    `max_rows` runs alone. A caller that stops waiting (cancelled) is left out of the next batch;
-    an exception from `run` reaches every caller of that batch.
+    When fewer rows are waiting, the batch waits for more until its oldest item has waited
+    `wait_s`. A submission larger than `max_rows` runs alone. A caller that stops waiting
+    (cancelled) is left out of the next batch; an exception from `run` reaches every caller of
+    that batch. All calls must come from one event loop.
 
     (Ray Serve's `serve.batch` forms the next batch while a call is still running and queues it
     behind that call, so under load it sends the model small batches.)
@@ -35,7 +37,7 @@ class Batcher(Generic[Item, Result]):
         self._rows = rows
         self.max_rows = max_rows
         self.wait_s = wait_s
-        self._waiting: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self._waiting: deque[Waiting[Item, Result]] = deque()
         self._arrived: asyncio.Event | None = None  # made on the loop that serves the calls
         self._worker: asyncio.Task[None] | None = None
 
@@ -46,52 +48,72 @@ class Batcher(Generic[Item, Result]):
             self._arrived = asyncio.Event()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._serve(self._arrived))
-        future: asyncio.Future[Result] = loop.create_future()
-        self._waiting.append((item, future))
+        waiting = Waiting(item, loop.create_future(), loop.time())
+        self._waiting.append(waiting)
         self._arrived.set()
-        return await future
+        return await waiting.future
 
     async def _serve(self, arrived: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await arrived.wait()
             arrived.clear()
-            deadline = loop.time() + self.wait_s
-            while self._waiting_rows() < self.max_rows and (remaining := deadline - loop.time()) > 0:
-                try:
-                    await asyncio.wait_for(arrived.wait(), remaining)
-                except TimeoutError:
-                    break
-                arrived.clear()
-            batch = self._take()
-            if self._waiting:
-                arrived.set()  # the rest forms the next batch without waiting for an arrival
-            if not batch:
-                continue
+            batch: list[Waiting[Item, Result]] = []
             try:
-                results = await self._run([item for item, _ in batch])
-            except Exception as exc:  # each caller of the batch gets it as its call's outcome
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                while (oldest := self._oldest()) and self._waiting_rows() < self.max_rows:
+                    remaining = oldest.since + self.wait_s - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        await asyncio.wait_for(arrived.wait(), remaining)
+                    except TimeoutError:
+                        break
+                    arrived.clear()
+                batch = self._take()
+                if self._waiting:
+                    arrived.set()  # the rest forms the next batch without waiting for an arrival
+                if not batch:
+                    continue
+                results = await self._run([waiting.item for waiting in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"the model call returned {len(results)} results for {len(batch)} requests")
+            except BaseException as exc:
+                failure = (
+                    exc if isinstance(exc, Exception) else RuntimeError(f"the model call was interrupted ({exc!r})")
+                )
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(failure)
+                if failure is not exc:
+                    raise
             else:
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
+                for waiting, result in zip(batch, results, strict=True):
+                    if not waiting.future.done():
+                        waiting.future.set_result(result)
+
+    def _oldest(self) -> Waiting[Item, Result] | None:
+        while self._waiting and self._waiting[0].future.done():  # its caller was cancelled
+            self._waiting.popleft()
+        return self._waiting[0] if self._waiting else None
 
     def _waiting_rows(self) -> int:
-        return sum(self._rows(item) for item, future in self._waiting if not future.done())
+        return sum(self._rows(waiting.item) for waiting in self._waiting if not waiting.future.done())
 
-    def _take(self) -> list[tuple[Item, asyncio.Future[Result]]]:
-        batch: list[tuple[Item, asyncio.Future[Result]]] = []
+    def _take(self) -> list[Waiting[Item, Result]]:
+        batch: list[Waiting[Item, Result]] = []
         rows = 0
-        while self._waiting:
-            item, future = self._waiting[0]
-            if future.done():  # its caller was cancelled
-                self._waiting.popleft()
-                continue
-            if batch and rows + self._rows(item) > self.max_rows:
+        while oldest := self._oldest():
+            if batch and rows + self._rows(oldest.item) > self.max_rows:
                 break
             batch.append(self._waiting.popleft())
-            rows += self._rows(item)
+            rows += self._rows(oldest.item)
         return batch
+
+
+@dataclass(frozen=True)
+class Waiting(Generic[Item, Result]):
+    """A submission in the queue: the item, its caller's future, and when it came (loop time)."""
+
+    item: Item
+    future: asyncio.Future[Result]
+    since: float
