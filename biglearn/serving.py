@@ -84,7 +84,7 @@ class BatchingConfig(Config):
     max_batch_rows: PositiveInt = 64
     """Most rows (samples) in one batched model call; at least limits.max_num_samples."""
     batch_wait_timeout_s: NonNegativeFloat = 0.01
-    """Seconds a batch waits for more requests before it runs without them."""
+    """Seconds a request may wait for others to share its model call (counted from its arrival)."""
 
 
 class DecodingConfig(Config):
